@@ -1,0 +1,74 @@
+"""Shared test setup: where the golden fixture sets and the test media are found.
+
+Fixture sets (outputs of the original KeyFace code on tiny random weights) are discovered, never named:
+every folder holding a ``config.json`` directly under ``<repo>/../shared/fixtures/`` and under each
+directory listed in ``KEYFACE_FIXTURES`` (``os.pathsep``-separated; an entry may also be a set folder
+itself). A test that takes the ``fixture_set`` argument runs once per set, with the set's folder name in
+its test ID; with no set found it is skipped with a message saying where sets are looked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FIXTURE_ROOT = REPO_ROOT.parent / "shared" / "fixtures"
+DEFAULT_MEDIA_ROOT = REPO_ROOT.parent / "shared" / "media"
+
+
+def _is_fixture_set(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format", "").startswith("keyface-fixture-config")
+    except (OSError, ValueError):
+        return False
+
+
+def fixture_search_roots() -> list[Path]:
+    roots = [Path(p) for p in os.environ.get("KEYFACE_FIXTURES", "").split(os.pathsep) if p.strip()]
+    return roots + [DEFAULT_FIXTURE_ROOT]
+
+
+def discover_fixture_sets() -> list[Path]:
+    found: dict[Path, None] = {}
+    for root in fixture_search_roots():
+        if not root.is_dir():
+            continue
+        candidates = [root] if _is_fixture_set(root) else sorted(p for p in root.iterdir() if p.is_dir())
+        for folder in candidates:
+            if _is_fixture_set(folder):
+                found[folder.resolve()] = None
+    return list(found)
+
+
+FIXTURE_SETS = discover_fixture_sets()
+NO_FIXTURES_MESSAGE = (
+    "no KeyFace fixture set found; looked in "
+    + ", ".join(str(p) for p in fixture_search_roots())
+    + " (set KEYFACE_FIXTURES to a folder of fixture sets)"
+)
+
+
+def pytest_generate_tests(metafunc):
+    if "fixture_set" in metafunc.fixturenames:
+        if FIXTURE_SETS:
+            metafunc.parametrize("fixture_set", FIXTURE_SETS, ids=[p.name for p in FIXTURE_SETS])
+        else:
+            metafunc.parametrize(
+                "fixture_set", [pytest.param(None, marks=pytest.mark.skip(reason=NO_FIXTURES_MESSAGE))], ids=["no-fixtures"]
+            )
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    """The shared test media folder (a real portrait and speech recordings); skips when absent."""
+    root = Path(os.environ.get("KEYFACE_MEDIA", DEFAULT_MEDIA_ROOT))
+    if not root.is_dir():
+        pytest.skip(f"test media not found at {root} (set KEYFACE_MEDIA)")
+    return root
