@@ -1,0 +1,718 @@
+"""Frames out: streamed video files, in-memory frame lists, stills, and reading media back.
+
+Frames reach a sink one at a time, in order, as **uint8 RGB arrays of shape (height, width, 3)**: that is
+the one frame type every :class:`FrameSink` accepts. The pipeline makes float frames in [0, 1] with layout
+(3, height, width); :func:`to_uint8` converts them the way the original code does (truncation of x * 255,
+spec §9 item 8), once, at the boundary.
+
+A sink is used as a context manager: leaving the block normally finishes it (``close``), an exception or
+Ctrl-C discards it (``abort``)::
+
+    with Mp4Writer("out.mp4", fps=25, audio=AudioTrack(waveform, 44100)) as sink:
+        for frame in frames:            # float (3, H, W) tensors in [0, 1]
+            sink.write(to_uint8(frame))
+
+:class:`Mp4Writer` encodes each frame as it arrives (H.264 yuv420p + AAC through PyAV, no system ffmpeg),
+writes to a hidden temporary file next to the target and renames it into place only when ``close``
+succeeds, so an interrupted run never leaves a half-written file under the requested name.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import itertools
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, KeyFaceError
+
+DEFAULT_FPS = 25  # the model's frame rate (spec §0: 25-fps video, 640 samples of 16 kHz audio per frame)
+DEFAULT_CRF = 18  # x264 constant-rate factor: visually near-lossless; the original used torchvision's default (23)
+DEFAULT_PRESET = "medium"
+DEFAULT_AUDIO_BITRATE = 192_000
+
+# ffmpeg's muxer for each accepted extension; all of them carry H.264 + AAC and string tags.
+VIDEO_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# mp4/mov flags: moov atom first (previews start before the whole file is read) and keep every metadata key
+# (ComfyUI stores `prompt` / `workflow` JSON; without use_metadata_tags only standard keys survive).
+MP4_MUXER_OPTIONS = {"movflags": "+faststart+use_metadata_tags"}
+# The sample rates the AAC encoder accepts (ISO 14496-3 sampling-frequency table).
+AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+# ffmpeg's default channel layout for each channel count.
+CHANNEL_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# frame conversion
+
+
+def to_uint8(frames: Any) -> np.ndarray:
+    """Convert float pixels in [0, 1] to uint8 RGB, channels last, by truncation like the original (spec §9.8).
+
+    Args:
+        frames: a torch tensor or numpy array, float, layout (3, height, width) for one frame or
+            (frames, 3, height, width) for several. Values outside [0, 1] are clamped first.
+
+    Returns:
+        uint8 array (height, width, 3) or (frames, height, width, 3), C-contiguous.
+    """
+    if hasattr(frames, "detach"):  # torch tensor: stay in float32 as the original did before .numpy()
+        frames = frames.detach().to("cpu").float().numpy()
+    array = np.asarray(frames)
+    if array.ndim not in (3, 4) or array.shape[-3] != 3:
+        raise InputError(
+            f"to_uint8: expected float frames shaped (3, height, width) or (frames, 3, height, width), "
+            f"got shape {tuple(array.shape)}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"to_uint8: expected float pixels in [0, 1], got dtype {array.dtype}")
+    scaled = np.clip(array.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(255)
+    return np.ascontiguousarray(np.moveaxis(scaled.astype(np.uint8), -3, -1))
+
+
+def check_frame(frame: Any, where: str) -> np.ndarray:
+    """Return ``frame`` if it is a uint8 (height, width, 3) array, else raise an InputError naming ``where``."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        described = f"{type(frame).__name__} {getattr(frame, 'dtype', '')} {tuple(getattr(frame, 'shape', ()))}".strip()
+        raise InputError(
+            f"{where}: frames must be uint8 numpy arrays shaped (height, width, 3), got {described}; "
+            "convert float (3, H, W) frames in [0, 1] with keyface.video.to_uint8"
+        )
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise InputError(f"{where}: empty frame of shape {frame.shape}")
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sinks
+
+
+class FrameSink(abc.ABC):
+    """Receives frames one at a time, in order: uint8 RGB arrays (height, width, 3).
+
+    ``close()`` finishes the output, ``abort()`` discards it; both are idempotent and after either one
+    ``write`` raises. As a context manager the sink closes on normal exit and aborts on any exception
+    (including KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self.frames_written = 0
+        self._state = "open"
+
+    @property
+    def closed(self) -> bool:
+        """True once the sink was closed or aborted."""
+        return self._state != "open"
+
+    def write(self, frame: np.ndarray) -> None:
+        """Take one frame, uint8 (height, width, 3)."""
+        if self.closed:
+            raise KeyFaceError(f"{self!r}: write after the sink was {self._state}")
+        self._write(check_frame(frame, repr(self)))
+        self.frames_written += 1
+
+    def write_frames(self, frames: Iterable[np.ndarray]) -> None:
+        """Write every frame of an iterable, in order."""
+        for frame in frames:
+            self.write(frame)
+
+    def close(self) -> None:
+        """Finish the output (flush, finalise the file); aborts instead if finishing fails."""
+        if self.closed:
+            return
+        try:
+            self._close()
+        except BaseException:
+            self._state = "closing failed"
+            self._abort()
+            raise
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Discard the output: nothing is kept under the requested name."""
+        if self.closed:
+            return
+        self._state = "aborted"
+        self._abort()
+
+    def __enter__(self) -> FrameSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @abc.abstractmethod
+    def _write(self, frame: np.ndarray) -> None: ...
+
+    def _close(self) -> None:
+        """Subclass hook: finish the output."""
+
+    def _abort(self) -> None:
+        """Subclass hook: discard the output (must not raise)."""
+
+
+class FrameListSink(FrameSink):
+    """Keeps every frame in memory (tests, previews, short clips); ``frames`` is the list of arrays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[np.ndarray] = []
+
+    def _write(self, frame: np.ndarray) -> None:
+        self.frames.append(frame.copy())
+
+    def _abort(self) -> None:
+        self.frames.clear()
+
+    def stack(self) -> np.ndarray:
+        """All frames as one uint8 array (frames, height, width, 3)."""
+        if not self.frames:
+            raise KeyFaceError("FrameListSink.stack: no frames were written")
+        return np.stack(self.frames)
+
+    def __repr__(self) -> str:
+        return f"FrameListSink({len(self.frames)} frames)"
+
+
+class CallbackSink(FrameSink):
+    """Calls ``on_frame(frame)`` for each frame (progress displays, custom consumers)."""
+
+    def __init__(self, on_frame: Callable[[np.ndarray], None]) -> None:
+        super().__init__()
+        self._on_frame = on_frame
+
+    def _write(self, frame: np.ndarray) -> None:
+        self._on_frame(frame)
+
+    def __repr__(self) -> str:
+        return f"CallbackSink({getattr(self._on_frame, '__name__', self._on_frame)!r})"
+
+
+class MapSink(FrameSink):
+    """Applies a per-frame transform (upscaler, face paste-back, ...) and passes the result to ``inner``.
+
+    ``transform`` takes and returns uint8 (height, width, 3) frames; the output size may differ from the
+    input size but must be the same for every frame. Closing or aborting the MapSink does the same to
+    ``inner``.
+    """
+
+    def __init__(self, transform: Callable[[np.ndarray], np.ndarray], inner: FrameSink) -> None:
+        super().__init__()
+        self.transform = transform
+        self.inner = inner
+
+    def _write(self, frame: np.ndarray) -> None:
+        self.inner.write(self.transform(frame))
+
+    def _close(self) -> None:
+        self.inner.close()
+
+    def _abort(self) -> None:
+        self.inner.abort()
+
+    def __repr__(self) -> str:
+        return f"MapSink({getattr(self.transform, '__name__', type(self.transform).__name__)}, {self.inner!r})"
+
+
+class TeeSink(FrameSink):
+    """Sends each frame to several sinks (e.g. a file and an in-memory preview).
+
+    Closing closes each sink in order; if one fails the ones not yet closed are aborted and the error is
+    raised. Aborting aborts all.
+    """
+
+    def __init__(self, *sinks: FrameSink) -> None:
+        super().__init__()
+        if not sinks:
+            raise InputError("TeeSink: give at least one sink")
+        self.sinks = sinks
+
+    def _write(self, frame: np.ndarray) -> None:
+        for sink in self.sinks:
+            sink.write(frame)
+
+    def _close(self) -> None:
+        for index, sink in enumerate(self.sinks):
+            try:
+                sink.close()
+            except BaseException:
+                for later in self.sinks[index + 1 :]:
+                    later.abort()
+                raise
+
+    def _abort(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
+
+    def __repr__(self) -> str:
+        return f"TeeSink{self.sinks!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# audio for the mp4
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """An audio track to mux with the video, kept at its own rate and channel count.
+
+    Attributes:
+        waveform: float32 samples, layout (channels, samples), nominally in [-1, 1].
+        sample_rate: samples per second; one the AAC encoder accepts (:data:`AAC_SAMPLE_RATES`).
+    """
+
+    waveform: np.ndarray
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        waveform = self.waveform
+        if hasattr(waveform, "detach"):
+            waveform = waveform.detach().to("cpu").float().numpy()
+        waveform = np.asarray(waveform)
+        if waveform.ndim == 1:
+            waveform = waveform[None, :]
+        if waveform.ndim != 2 or waveform.shape[0] not in CHANNEL_LAYOUTS:
+            raise InputError(
+                f"audio: waveform must be shaped (channels, samples) with 1-8 channels, got {tuple(waveform.shape)}"
+            )
+        if not np.issubdtype(waveform.dtype, np.floating):
+            raise InputError(f"audio: waveform must hold float samples in [-1, 1], got dtype {waveform.dtype}")
+        if int(self.sample_rate) not in AAC_SAMPLE_RATES:
+            raise InputError(
+                f"audio: sample rate {self.sample_rate} Hz cannot be stored as AAC; resample to one of "
+                f"{', '.join(map(str, AAC_SAMPLE_RATES))} Hz"
+            )
+        object.__setattr__(self, "waveform", np.ascontiguousarray(waveform, dtype=np.float32))
+        object.__setattr__(self, "sample_rate", int(self.sample_rate))
+
+    @classmethod
+    def from_comfy(cls, audio: dict) -> AudioTrack:
+        """From a ComfyUI ``AUDIO`` dict ``{"waveform": (batch, channels, samples), "sample_rate": int}`` (item 0)."""
+        try:
+            waveform, sample_rate = audio["waveform"], audio["sample_rate"]
+        except (TypeError, KeyError) as error:
+            raise InputError("audio: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from error
+        if getattr(waveform, "ndim", 0) == 3:
+            waveform = waveform[0]
+        return cls(waveform, sample_rate)
+
+    @property
+    def channels(self) -> int:
+        return self.waveform.shape[0]
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return self.waveform.shape[1] / self.sample_rate
+
+    def samples_until(self, frame_count: int, fps: Fraction) -> int:
+        """Number of audio samples that span ``frame_count`` video frames: round(frame_count / fps * rate)."""
+        return round(frame_count * self.sample_rate / fps)
+
+    def segment(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) as (channels, stop - start) float32, zero-padded past the end."""
+        piece = self.waveform[:, start:stop]
+        missing = (stop - start) - piece.shape[1]
+        if missing > 0:
+            piece = np.concatenate([piece, np.zeros((self.channels, missing), np.float32)], axis=1)
+        return np.ascontiguousarray(piece)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic output files
+
+
+class AtomicOutput:
+    """A target path plus a hidden temporary file beside it, renamed onto the target on ``commit``.
+
+    Checks the target before any work: not a directory, parent folder exists and is writable, extension in
+    ``extensions``. The temporary file is removed by ``discard``, and also if the object is garbage
+    collected or the interpreter exits before ``commit``.
+    """
+
+    def __init__(self, path: str | os.PathLike, extensions: Iterable[str], what: str) -> None:
+        self.path = Path(path).expanduser().absolute()
+        allowed = sorted(extensions)
+        if self.path.suffix.lower() not in allowed:
+            raise InputError(
+                f"{what} {self.path}: unsupported extension {self.path.suffix!r}; use one of {', '.join(allowed)}"
+            )
+        if self.path.is_dir():
+            raise InputError(
+                f"{what} {self.path} is a directory; give a file name such as {self.path / ('out' + allowed[0])}"
+            )
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise InputError(f"{what} {self.path}: folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {self.path}: folder {parent} is not writable; choose another output folder")
+        try:
+            handle, temp_name = tempfile.mkstemp(
+                prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=parent
+            )
+        except OSError as error:
+            raise KeyFaceError(f"cannot create a temporary file next to {self.path}: {error}") from error
+        os.close(handle)
+        self.temp_path = Path(temp_name)
+        self._cleanup = weakref.finalize(self, _remove_quietly, self.temp_path)
+
+    def commit(self) -> Path:
+        """Atomically move the finished temporary file onto the target path."""
+        try:
+            os.replace(self.temp_path, self.path)
+        except OSError as error:
+            self.discard()
+            raise KeyFaceError(f"cannot move the finished file to {self.path}: {error}") from error
+        self._cleanup.detach()
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temporary file; the target path is left untouched."""
+        self._cleanup()
+
+    def write_error(self, error: OSError) -> KeyFaceError:
+        """A KeyFaceError naming the target for an OSError met while writing (disk full, I/O error, ...)."""
+        hint = (
+            "free some disk space or choose another folder"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            else ("check the disk and the folder's permissions")
+        )
+        return KeyFaceError(f"writing {self.path} failed: {error.strerror or error}; {hint}. Nothing was saved.")
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mp4 writing
+
+
+class Mp4Writer(FrameSink):
+    """Encodes frames into an H.264 (yuv420p) video, optionally with an AAC audio track, as they arrive.
+
+    Audio follows the video: the file's audio lasts exactly ``frames_written / fps`` seconds at the
+    track's own rate (``round(frames * rate / fps)`` samples), cut when the track is longer, zero-padded
+    when it is shorter. Audio is encoded alongside the video (each frame's span of samples after the
+    frame), so nothing accumulates in memory. The decoded audio of the file then lasts that long to within
+    one AAC frame (1024 samples), the mp4/mov edit list hiding the encoder's priming samples (.mkv has no
+    edit list: there the audio stream may report up to one AAC frame more). Matroska stores metadata keys
+    upper-case.
+
+    Frames must all have the frame size of the first one. yuv420p needs even width and height: an odd
+    size is padded by one replicated row / column (the file is then one pixel larger).
+
+    The file appears under ``path`` only after a successful :meth:`close`; until then it is a hidden
+    ``.<name>.*.partial.mp4`` file in the same folder, removed by :meth:`abort`, by an exception inside a
+    ``with`` block, or when the writer is garbage collected unclosed.
+
+    Args:
+        path: the output file; extension .mp4, .m4v, .mov or .mkv.
+        fps: frames per second (int or Fraction).
+        audio: the track to mux (:class:`AudioTrack`), or None for a silent video.
+        crf: x264 constant-rate factor (0 lossless - 51 worst).
+        preset: x264 speed/size preset ("ultrafast" ... "veryslow").
+        metadata: string tags stored in the container (e.g. ComfyUI's ``prompt`` / ``workflow`` JSON).
+        audio_bitrate: AAC bit rate in bit/s.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: int | Fraction = DEFAULT_FPS,
+        audio: AudioTrack | None = None,
+        *,
+        crf: int = DEFAULT_CRF,
+        preset: str = DEFAULT_PRESET,
+        metadata: dict[str, str] | None = None,
+        audio_bitrate: int = DEFAULT_AUDIO_BITRATE,
+    ) -> None:
+        super().__init__()
+        self.fps = Fraction(fps).limit_denominator(1_000_000)  # 29.97 -> 2997/100, not a binary fraction
+        if self.fps <= 0:
+            raise InputError(f"fps: must be positive, got {fps}")
+        if not 0 <= int(crf) <= 51:
+            raise InputError(f"crf: must be in 0-51, got {crf}")
+        if audio is not None and not isinstance(audio, AudioTrack):
+            raise InputError("audio: pass a keyface.video.AudioTrack(waveform, sample_rate) or None")
+        for key, value in (metadata or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key:
+                raise InputError(f"metadata: keys and values must be strings, got {key!r}: {type(value).__name__}")
+        self.audio = audio
+        self._options = {"crf": str(int(crf)), "preset": preset}
+        self._metadata = dict(metadata or {})
+        self._audio_bitrate = int(audio_bitrate)
+        self._output = AtomicOutput(path, VIDEO_CONTAINERS, "video output")
+        self.path = self._output.path
+        self._container = None
+        self._video_stream = None
+        self._audio_stream = None
+        self._frame_size: tuple[int, int] | None = None
+        self._audio_samples_written = 0
+
+    def __repr__(self) -> str:
+        return f"Mp4Writer({str(self.path)!r})"
+
+    # -- FrameSink hooks
+
+    def _write(self, frame: np.ndarray) -> None:
+        import av
+
+        if self._container is None:
+            self._open(frame.shape[0], frame.shape[1])
+        if frame.shape[:2] != self._frame_size:
+            raise InputError(
+                f"{self.path}: frame {self.frames_written} is {frame.shape[1]}x{frame.shape[0]}, but the video "
+                f"is {self._frame_size[1]}x{self._frame_size[0]}; every frame must have the same size"
+            )
+        video_frame = av.VideoFrame.from_ndarray(_pad_to_even(frame), format="rgb24")
+        video_frame.pts = self.frames_written
+        self._guarded(lambda: self._mux(self._video_stream.encode(video_frame)))
+        if self.audio is not None:
+            self._guarded(lambda: self._encode_audio_until(self.frames_written + 1))
+
+    def _close(self) -> None:
+        if self._container is None:
+            raise KeyFaceError(f"{self.path}: no frames were written; nothing to save")
+
+        def finish() -> None:
+            self._mux(self._video_stream.encode(None))
+            if self._audio_stream is not None:
+                self._mux(self._audio_stream.encode(None))
+            self._container.close()
+
+        self._guarded(finish)
+        self._container = None
+        self._output.commit()
+
+    def _abort(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # the file is being thrown away; a failing trailer does not matter
+                pass
+            self._container = None
+        self._output.discard()
+
+    # -- internals
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        self._frame_size = (height, width)
+        container_format = VIDEO_CONTAINERS[self.path.suffix.lower()]
+        options = MP4_MUXER_OPTIONS if container_format in ("mp4", "mov") else {}
+        try:
+            self._container = av.open(str(self._output.temp_path), "w", format=container_format, options=options)
+        except OSError as error:
+            raise self._output.write_error(error) from error
+        for key, value in self._metadata.items():
+            self._container.metadata[key] = value
+        video = self._container.add_stream("libx264", rate=self.fps)
+        video.width, video.height = width + width % 2, height + height % 2
+        video.pix_fmt = "yuv420p"
+        video.options = self._options
+        self._video_stream = video
+        if self.audio is not None:
+            audio = self._container.add_stream(
+                "aac", rate=self.audio.sample_rate, layout=CHANNEL_LAYOUTS[self.audio.channels]
+            )
+            audio.bit_rate = self._audio_bitrate
+            self._audio_stream = audio
+
+    def _encode_audio_until(self, frame_count: int) -> None:
+        import av
+
+        stop = self.audio.samples_until(frame_count, self.fps)
+        if stop <= self._audio_samples_written:
+            return
+        samples = self.audio.segment(self._audio_samples_written, stop)
+        audio_frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=CHANNEL_LAYOUTS[self.audio.channels])
+        audio_frame.sample_rate = self.audio.sample_rate
+        audio_frame.pts = self._audio_samples_written
+        self._mux(self._audio_stream.encode(audio_frame))
+        self._audio_samples_written = stop
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self._container.mux(packet)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run an encode/mux step; an OSError (disk full, I/O) becomes a KeyFaceError naming the file."""
+        try:
+            step()
+        except OSError as error:
+            raise self._output.write_error(error) from error
+
+
+def _pad_to_even(frame: np.ndarray) -> np.ndarray:
+    """Replicate the last row / column when height / width is odd (yuv420p subsamples chroma by 2)."""
+    height, width = frame.shape[:2]
+    if height % 2 == 0 and width % 2 == 0:
+        return frame
+    return np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stills
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write a uint8 (height, width, 3) RGB image as PNG, WebP or JPEG, atomically (temp file + rename).
+
+    ``metadata`` is stored as PNG text chunks (ComfyUI's ``prompt`` / ``workflow`` convention); other
+    formats ignore it. Returns the absolute path written.
+    """
+    from PIL import Image, PngImagePlugin
+
+    image = check_frame(image, f"image output {path}")
+    output = AtomicOutput(path, IMAGE_FORMATS, "image output")
+    image_format = IMAGE_FORMATS[output.path.suffix.lower()]
+    save_options: dict[str, Any] = {}
+    if image_format == "PNG" and metadata:
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
+        save_options["pnginfo"] = info
+    elif image_format in ("WEBP", "JPEG"):
+        save_options["quality"] = 95
+    try:
+        Image.fromarray(image).save(output.temp_path, format=image_format, **save_options)
+    except OSError as error:
+        output.discard()
+        raise output.write_error(error) from error
+    except BaseException:
+        output.discard()
+        raise
+    return output.commit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading media back
+
+
+@dataclass(frozen=True)
+class VideoStreamInfo:
+    """The first video stream of a file: size in pixels, frame rate, number of frames, duration in seconds."""
+
+    width: int
+    height: int
+    fps: Fraction
+    num_frames: int
+    duration: float
+    codec: str
+
+
+@dataclass(frozen=True)
+class AudioStreamInfo:
+    """The first audio stream of a file: rate in Hz, channel count, duration in seconds (container value)."""
+
+    sample_rate: int
+    channels: int
+    duration: float
+    codec: str
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What :func:`probe_media` finds in a file; ``video`` / ``audio`` are None when that stream is absent."""
+
+    path: Path
+    video: VideoStreamInfo | None
+    audio: AudioStreamInfo | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _open_for_reading(path: str | os.PathLike):
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"media file {path} does not exist (or is not a file)")
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise InputError(f"cannot read {path} as audio/video: {error}") from error
+
+
+def _stream_duration(stream, container) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # av.time_base: container durations are in microseconds
+    return 0.0
+
+
+def probe_media(path: str | os.PathLike) -> MediaInfo:
+    """Describe a media file: video size / fps / frame count, audio rate / channels / duration, tags.
+
+    The frame count is the container's when it records one, else the number of video packets (no decoding).
+    """
+    with _open_for_reading(path) as container:
+        video = audio = None
+        if container.streams.video:
+            stream = container.streams.video[0]
+            num_frames = stream.frames
+            if not num_frames:
+                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(0)
+            rate = stream.average_rate or stream.guessed_rate or Fraction(0)
+            video = VideoStreamInfo(
+                width=stream.codec_context.width,
+                height=stream.codec_context.height,
+                fps=Fraction(rate),
+                num_frames=int(num_frames),
+                duration=_stream_duration(stream, container),
+                codec=stream.codec_context.name,
+            )
+        if container.streams.audio:
+            stream = container.streams.audio[0]
+            audio = AudioStreamInfo(
+                sample_rate=stream.codec_context.sample_rate,
+                channels=stream.codec_context.channels,
+                duration=_stream_duration(stream, container),
+                codec=stream.codec_context.name,
+            )
+        return MediaInfo(Path(path), video, audio, dict(container.metadata))
+
+
+def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+    """Decode the first video stream frame by frame: yields uint8 RGB arrays (height, width, 3)."""
+    import av
+
+    with _open_for_reading(path) as container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as error:
+            raise InputError(f"decoding {path} failed: {error}") from error
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """Decode (up to ``max_frames``) frames of a video into one uint8 array (frames, height, width, 3)."""
+    frames = list(itertools.islice(iter_video_frames(path), max_frames))
+    if not frames:
+        raise InputError(f"{path}: the video stream has no frames")
+    return np.stack(frames)
