@@ -1,0 +1,118 @@
+"""On-disk cache of audio features, memory-mapped on reading.
+
+An entry is a folder ``<root>/<key>/`` with ``keyframe.npy`` ``(F, 2, Dk)``, ``interpolation.npy``
+``(F, 2, Di)`` (float32) and ``meta.json``. The key is a hash of the 16 kHz waveform the encoders see, the
+encoder weights' identities (path, size, mtime: :func:`keyface.audio.weights.file_identity`), the channel
+mode, the dtype and the window settings (see :class:`keyface.audio.features.AudioFeatureExtractor`).
+
+Entries are written under a temporary name and renamed when complete, so an interrupted extraction leaves
+nothing usable behind. The cache is capped: after each write the least recently used entries are deleted
+until the total size is under ``max_bytes`` (the entry just written is always kept, even when it alone is
+larger). Default folder: ``features/`` under :func:`keyface.paths.default_cache_root`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..paths import default_cache_root
+
+DEFAULT_MAX_BYTES = 8 * 1024**3  # about 3.5 hours of audio with the full-size encoders (2.2 GB per hour)
+FEATURE_ARRAYS = ("keyframe", "interpolation")
+_META = "meta.json"
+_PARTIAL = ".partial-"
+
+
+def default_cache_dir() -> Path:
+    """``features/`` under the KeyFace cache root (``$KEYFACE_CACHE_DIR`` or ``~/.cache/keyface``)."""
+    return default_cache_root() / "features"
+
+
+class FeatureCache:
+    """A folder of feature entries with a size cap.
+
+    Args:
+        root: the folder (created when first written); default :func:`default_cache_dir`.
+        max_bytes: size cap of all entries together.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.max_bytes = int(max_bytes)
+
+    def open(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The arrays of entry ``key`` memory-mapped (copy-on-write) and its metadata, or ``None`` if absent."""
+        entry = self.root / key
+        try:
+            meta = json.loads((entry / _META).read_text())
+            arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="c") for name in FEATURE_ARRAYS}
+        except (OSError, ValueError):
+            return None
+        os.utime(entry / _META)  # last use, for least-recently-used eviction
+        return arrays, meta
+
+    @contextmanager
+    def write(self, key: str, shapes: dict[str, tuple[int, ...]], meta: dict) -> Iterator[dict[str, np.ndarray]]:
+        """Create entry ``key``: yields zero-filled writable memory maps, committed when the block exits normally."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = self.root / f"{key}{_PARTIAL}{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        try:
+            arrays = {
+                name: np.lib.format.open_memmap(partial / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+                for name, shape in shapes.items()
+            }
+            yield arrays
+            for array in arrays.values():
+                array.flush()
+            arrays.clear()  # unmap before the rename (needed on Windows)
+            (partial / _META).write_text(json.dumps({**meta, "created": time.time()}))
+            try:
+                partial.rename(self.root / key)
+            except OSError:  # the same entry was written meanwhile (another process): keep that one
+                pass
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.evict(keep=key)
+
+    def entries(self) -> list[tuple[Path, float, int]]:
+        """Complete entries as ``(folder, last use time, size in bytes)``, least recently used first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            meta = entry / _META
+            if _PARTIAL in entry.name or not meta.is_file():
+                continue
+            size = sum(file.stat().st_size for file in entry.iterdir() if file.is_file())
+            found.append((entry, meta.stat().st_mtime, size))
+        return sorted(found, key=lambda item: item[1])
+
+    def size_bytes(self) -> int:
+        return sum(size for _, _, size in self.entries())
+
+    def evict(self, keep: str | None = None) -> None:
+        """Delete least recently used entries until the cache is within ``max_bytes`` (never ``keep``)."""
+        entries = self.entries()
+        total = sum(size for _, _, size in entries)
+        for entry, _, size in entries:
+            if total <= self.max_bytes:
+                break
+            if entry.name == keep:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= size
+
+    def clear(self) -> None:
+        """Delete every entry."""
+        for entry, _, _ in self.entries():
+            shutil.rmtree(entry, ignore_errors=True)

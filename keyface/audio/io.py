@@ -1,0 +1,245 @@
+"""Audio in and out of the library: decoding files, ComfyUI ``AUDIO`` dicts, and the 16 kHz mono waveform.
+
+Every audio input becomes one :class:`AudioClip` (float32 ``(channels, samples)`` at its own rate). The
+encoders then need 16 kHz mono (:func:`to_encoder_waveform`), cut into 25-fps video frames of 640 samples
+(:func:`num_video_frames`); :func:`raw_audio_frames` is the audio muxed into the output video.
+
+Channel policy (``mode``):
+
+* ``"default"``: channels are averaged, then resampled to 16 kHz.
+* ``"reference"``: what the original feature script does (spec §3.1 **[quirk]**): when the rate is not
+  16 kHz only channel 0 is kept; at 16 kHz the channels are averaged. Use it for parity with old results.
+
+The muxed audio (:func:`raw_audio_frames`) is the channel mean in both modes, as in the original.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+ENCODER_SAMPLE_RATE = 16_000  # spec §3.1: all three encoders run on 16 kHz audio
+VIDEO_FPS = 25
+SAMPLES_PER_FRAME = math.ceil(ENCODER_SAMPLE_RATE / VIDEO_FPS)  # 640, spec §3.1
+CHANNEL_MODES = ("default", "reference")
+
+# Scale of each PCM sample format to [-1, 1] (integer formats as torchaudio.load reads them: int16 / 32768).
+_PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63, "flt": 1.0, "dbl": 1.0}
+_PCM_OFFSET = {"u8": 128.0}
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """A decoded audio signal.
+
+    Attributes:
+        waveform: ``torch.Tensor`` of shape ``(channels, samples)``, float32, nominally in [-1, 1].
+        sample_rate: samples per second of ``waveform``.
+        source: what the clip came from (a file path or ``"AUDIO input"``), used in error messages.
+    """
+
+    waveform: torch.Tensor
+    sample_rate: int
+    source: str = "audio"
+
+    def __post_init__(self) -> None:
+        _validate_waveform(self.waveform, self.sample_rate, self.source)
+        object.__setattr__(self, "sample_rate", _as_rate(self.sample_rate, self.source))
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.waveform.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.waveform.shape[1])
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    def to_comfy(self) -> dict[str, Any]:
+        """The clip as a ComfyUI ``AUDIO`` dict: ``{"waveform": (1, channels, samples), "sample_rate": int}``."""
+        return {"waveform": self.waveform.unsqueeze(0), "sample_rate": self.sample_rate}
+
+    @classmethod
+    def from_comfy(cls, audio: dict[str, Any], name: str = "audio") -> AudioClip:
+        """Read a ComfyUI ``AUDIO`` dict (batch of one; a larger batch is refused: split it upstream)."""
+        if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+            raise InputError(f"{name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'")
+        waveform = audio["waveform"]
+        if not isinstance(waveform, torch.Tensor) or waveform.dim() != 3:
+            raise InputError(f"{name}: AUDIO 'waveform' must be a tensor of shape (batch, channels, samples)")
+        if waveform.shape[0] != 1:
+            raise InputError(
+                f"{name}: AUDIO holds a batch of {waveform.shape[0]} clips; KeyFace drives one video from one "
+                "clip: pass a single clip (split or select the batch before this node)"
+            )
+        sample_rate = audio["sample_rate"]
+        if isinstance(sample_rate, torch.Tensor) and sample_rate.numel() == 1:
+            sample_rate = sample_rate.item()
+        return cls(waveform[0].detach().to("cpu", torch.float32).contiguous(), _as_rate(sample_rate, name), name)
+
+
+def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | None = None) -> AudioClip:
+    """Decode the first audio stream of any file PyAV (FFmpeg) reads: wav, mp3, flac, m4a, ogg, or a video.
+
+    Args:
+        path: the audio or video file.
+        start: seconds to skip at the beginning.
+        duration: seconds to keep from ``start`` (``None``: to the end).
+
+    Returns:
+        The clip at the file's own sample rate, every channel kept.
+    """
+    import av  # imported here: decoding is the only user
+
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise InputError(f"audio file not found: {name}")
+    if not math.isfinite(start) or start < 0:
+        raise InputError(f"{name}: start must be a finite number of seconds >= 0, got {start}")
+    if duration is not None and (not math.isfinite(duration) or duration <= 0):
+        raise InputError(f"{name}: duration must be a positive number of seconds, got {duration}")
+
+    try:
+        container = av.open(name)
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise InputError(f"{name}: not a readable audio or video file ({error})") from error
+    with container:
+        if not container.streams.audio:
+            raise InputError(f"{name}: the file has no audio track")
+        stream = container.streams.audio[0]
+        sample_rate = stream.rate or stream.codec_context.sample_rate
+        if not sample_rate:
+            raise InputError(f"{name}: the audio track does not state its sample rate")
+        first = round(start * sample_rate)
+        last = None if duration is None else first + round(duration * sample_rate)
+        chunks: list[np.ndarray] = []
+        position = 0
+        try:
+            if first > 0 and stream.time_base is not None:
+                container.seek(int(start / stream.time_base), stream=stream)
+            for frame in container.decode(stream):
+                if frame.time is not None:
+                    position = round(frame.time * sample_rate)
+                samples = _frame_to_float(frame, name)
+                begin, end = position, position + samples.shape[1]
+                position = end
+                if end <= first:
+                    continue
+                if last is not None and begin >= last:
+                    break
+                chunks.append(samples[:, max(first - begin, 0) : (None if last is None else last - begin)])
+        except av.FFmpegError as error:
+            raise InputError(f"{name}: the audio track could not be decoded ({error})") from error
+    if not chunks:
+        where = f" after {start} s" if first > 0 else ""
+        raise InputError(f"{name}: no audio samples{where} (the file is empty or shorter than the start time)")
+    channels = {chunk.shape[0] for chunk in chunks}
+    if len(channels) != 1:
+        raise InputError(f"{name}: the channel count changes inside the audio track ({sorted(channels)})")
+    waveform = torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32))
+    return AudioClip(waveform, int(sample_rate), name)
+
+
+def as_audio_clip(audio: AudioClip | dict | str | os.PathLike, name: str = "audio") -> AudioClip:
+    """Accept a clip, a ComfyUI ``AUDIO`` dict or a file path, and return an :class:`AudioClip`."""
+    if isinstance(audio, AudioClip):
+        return audio
+    if isinstance(audio, dict):
+        return AudioClip.from_comfy(audio, name)
+    if isinstance(audio, (str, os.PathLike)):
+        return load_audio(audio)
+    raise InputError(
+        f"{name}: expected an audio file path, a ComfyUI AUDIO dict or an AudioClip, got {type(audio).__name__}"
+    )
+
+
+def num_video_frames(num_samples_16k: int) -> int:
+    """Number of 25-fps video frames ``F = ceil(samples / 640)`` for a 16 kHz signal (spec §3.1)."""
+    return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
+
+
+def resample_to_encoder_rate(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Resample ``(..., samples)`` to 16 kHz with ``torchaudio.functional.resample`` defaults, as the original."""
+    if sample_rate == ENCODER_SAMPLE_RATE:
+        return waveform
+    import torchaudio.functional
+
+    return torchaudio.functional.resample(waveform, orig_freq=sample_rate, new_freq=ENCODER_SAMPLE_RATE)
+
+
+def to_encoder_waveform(clip: AudioClip, mode: str = "default") -> torch.Tensor:
+    """The mono 16 kHz waveform the encoders see, shape ``(samples,)`` float32 (channel policy: module doc)."""
+    if mode not in CHANNEL_MODES:
+        raise InputError(f"mode: expected one of {CHANNEL_MODES}, got {mode!r}")
+    if mode == "reference" and clip.sample_rate != ENCODER_SAMPLE_RATE:
+        mono = clip.waveform[0]
+    else:
+        mono = clip.waveform.mean(dim=0)
+    return resample_to_encoder_rate(mono, clip.sample_rate).contiguous()
+
+
+def pad_to_frames(waveform: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Zero-pad (or cut) a ``(samples,)`` 16 kHz waveform to exactly ``num_frames * 640`` samples."""
+    target = num_frames * SAMPLES_PER_FRAME
+    if waveform.shape[-1] >= target:
+        return waveform[..., :target]
+    return torch.nn.functional.pad(waveform, (0, target - waveform.shape[-1]))
+
+
+def raw_audio_frames(clip: AudioClip) -> torch.Tensor:
+    """The audio muxed into the output video: channel mean at 16 kHz, zero-padded, shape ``(F, 640)``.
+
+    Reproduces the original ``get_raw_audio`` (spec §3.1) in both channel modes.
+    """
+    mono = resample_to_encoder_rate(clip.waveform.mean(dim=0), clip.sample_rate)
+    frames = num_video_frames(mono.shape[0])
+    return pad_to_frames(mono, frames).reshape(frames, SAMPLES_PER_FRAME).contiguous()
+
+
+def _frame_to_float(frame, name: str) -> np.ndarray:
+    """One decoded PyAV frame as float32 ``(channels, samples)``."""
+    format_name = frame.format.name.rstrip("p")
+    if format_name not in _PCM_SCALE:
+        raise InputError(f"{name}: unsupported decoded sample format {frame.format.name!r}")
+    data = frame.to_ndarray()
+    channels = frame.layout.nb_channels
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T  # packed: (1, samples * channels), interleaved
+    data = data.astype(np.float32)
+    if format_name in _PCM_OFFSET:
+        data -= _PCM_OFFSET[format_name]
+    if _PCM_SCALE[format_name] != 1.0:
+        data /= np.float32(_PCM_SCALE[format_name])
+    return data
+
+
+def _as_rate(sample_rate: Any, name: str) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
+    if sample_rate <= 0 or sample_rate != int(sample_rate):
+        raise InputError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def _validate_waveform(waveform: Any, sample_rate: Any, name: str) -> None:
+    if not isinstance(waveform, torch.Tensor) or waveform.dim() != 2:
+        raise InputError(f"{name}: waveform must be a tensor of shape (channels, samples)")
+    if not waveform.is_floating_point():
+        raise InputError(f"{name}: waveform must be floating point in [-1, 1], got {waveform.dtype}")
+    _as_rate(sample_rate, name)
+    if waveform.shape[0] < 1 or waveform.shape[1] < 1:
+        raise InputError(f"{name}: the audio is empty ({tuple(waveform.shape)} channels x samples)")
+    if not torch.isfinite(waveform).all():
+        raise InputError(f"{name}: the audio contains NaN or infinite samples; repair or re-export the file")

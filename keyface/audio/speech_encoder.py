@@ -1,0 +1,163 @@
+"""WavLM and wav2vec2 as :class:`AudioEncoder`: a transformers model (conv feature extractor + transformer).
+
+Both transformers classes (``WavLMModel``, ``Wav2Vec2Model``) share one layout: ``feature_extractor.conv_layers``,
+``feature_projection``, ``encoder``. A single pass calls the model as is. In windowed mode the group norm of
+the first conv layer (which normalises each channel over the whole clip) gets statistics of the whole
+clip, computed in a first streaming pass, so windows see the same features as a single pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+from .encoders import STATISTICS_CHUNK_SAMPLES, AudioEncoder
+
+
+@dataclass(frozen=True)
+class WaveformNormalisation:
+    """Zero-mean / unit-variance normalisation of the whole input clip before the encoder.
+
+    Attributes:
+        unbiased: variance with Bessel's correction (``torch.var`` default) or not (``layer_norm``).
+        eps: added to the variance.
+        valid_only: statistics over the real audio only, and the zero padding after it stays zero
+            (wav2vec2 in the original: normalise, then pad); otherwise over the whole padded input.
+    """
+
+    unbiased: bool
+    eps: float
+    valid_only: bool
+
+
+# spec §3.1: wav2vec2 input = (a - mean) / sqrt(var + 1e-7) over the clip (unbiased var), then zero padding.
+WAV2VEC2_NORMALISATION = WaveformNormalisation(unbiased=True, eps=1e-7, valid_only=True)
+# unilm WavLM cfg normalize=True (e.g. WavLM Large): F.layer_norm over the whole input (biased var, eps 1e-5).
+WAVLM_LAYER_NORM = WaveformNormalisation(unbiased=False, eps=1e-5, valid_only=False)
+
+
+@dataclass(frozen=True)
+class _ClipStatistics:
+    num_valid: int
+    wave_mean: float = 0.0
+    wave_scale: float = 1.0
+    conv0_mean: torch.Tensor | None = None  # (channels,) per-channel mean of the first conv layer's output
+    conv0_rstd: torch.Tensor | None = None  # (channels,) 1 / sqrt(var + eps)
+
+
+class TransformersSpeechEncoder(AudioEncoder):
+    """A ``WavLMModel`` or ``Wav2Vec2Model``; output = ``last_hidden_state``, one vector per 20 ms.
+
+    Args:
+        name: ``"wavlm"`` or ``"wav2vec2"``.
+        model: the transformers model, in eval mode.
+        identity: what identifies its weights (for the feature cache).
+        normalisation: waveform normalisation over the clip, or ``None``.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, identity: str, normalisation: WaveformNormalisation | None):
+        config = model.config
+        if getattr(config, "add_adapter", False):
+            raise CheckpointError(f"{name}: models with an output adapter (add_adapter=True) are not supported")
+        self.name = name
+        self.module = model.eval()
+        self.identity = identity
+        self.normalisation = normalisation
+        self.dim = int(config.hidden_size)
+        self._kernels = [int(k) for k in config.conv_kernel]
+        self._strides = [int(s) for s in config.conv_stride]
+        self.alignment = 1
+        for stride in self._strides:
+            self.alignment *= stride
+
+    @property
+    def min_samples(self) -> int:
+        """Receptive field of one output vector (400 samples for the 320-stride stacks)."""
+        field, step = 1, 1
+        for kernel, stride in zip(self._kernels, self._strides, strict=True):
+            field += (kernel - 1) * step
+            step *= stride
+        return field
+
+    def sequence_length(self, num_samples: int) -> int:
+        length = num_samples
+        for kernel, stride in zip(self._kernels, self._strides, strict=True):
+            if length < kernel:
+                return 0
+            length = (length - kernel) // stride + 1
+        return length
+
+    def first_index_at(self, sample: int) -> int:
+        return -(-sample // self.alignment)
+
+    def clip_statistics(self, waveform: torch.Tensor, num_valid: int, windowed: bool) -> _ClipStatistics:
+        statistics = _ClipStatistics(num_valid)
+        if self.normalisation is not None:
+            part = waveform[:num_valid] if self.normalisation.valid_only else waveform
+            variance = float(part.var(unbiased=self.normalisation.unbiased)) if part.numel() > 1 else 0.0
+            statistics = _ClipStatistics(
+                num_valid, float(part.mean()), 1.0 / math.sqrt(variance + self.normalisation.eps)
+            )
+        if windowed and isinstance(self._first_norm, torch.nn.GroupNorm):
+            mean, rstd = self._first_layer_statistics(waveform, statistics)
+            statistics = _ClipStatistics(statistics.num_valid, statistics.wave_mean, statistics.wave_scale, mean, rstd)
+        return statistics
+
+    @torch.inference_mode()
+    def encode_window(self, waveform: torch.Tensor, start: int, statistics: _ClipStatistics) -> torch.Tensor:
+        x = self._normalised(waveform, start, statistics)[None].to(self.device, self.dtype)
+        model = self.module
+        if statistics.conv0_mean is None:
+            return model(x).last_hidden_state[0].float().cpu()
+        first, *rest = model.feature_extractor.conv_layers
+        hidden = first.conv(x[:, None])
+        norm = first.layer_norm
+        mean = statistics.conv0_mean.to(hidden.device, hidden.dtype)[None, :, None]
+        rstd = statistics.conv0_rstd.to(hidden.device, hidden.dtype)[None, :, None]
+        hidden.sub_(mean).mul_(rstd * norm.weight[None, :, None]).add_(norm.bias[None, :, None])  # in place: large
+        hidden = first.activation(hidden)
+        for layer in rest:
+            hidden = layer(hidden)
+        hidden, _ = model.feature_projection(hidden.transpose(1, 2))
+        return model.encoder(hidden).last_hidden_state[0].float().cpu()
+
+    @property
+    def _first_norm(self) -> torch.nn.Module | None:
+        return getattr(self.module.feature_extractor.conv_layers[0], "layer_norm", None)
+
+    def _normalised(self, waveform: torch.Tensor, start: int, statistics: _ClipStatistics) -> torch.Tensor:
+        if self.normalisation is None:
+            return waveform.float()
+        x = (waveform.double() - statistics.wave_mean) * statistics.wave_scale
+        if self.normalisation.valid_only:
+            x[max(0, statistics.num_valid - start) :] = 0.0
+        return x.float()
+
+    @torch.inference_mode()
+    def _first_layer_statistics(self, waveform: torch.Tensor, statistics: _ClipStatistics):
+        """Per-group mean and 1/std of the first conv layer's output over the whole clip, in chunks."""
+        first = self.module.feature_extractor.conv_layers[0]
+        norm: torch.nn.GroupNorm = first.layer_norm
+        kernel, stride = self._kernels[0], self._strides[0]
+        total = 0 if waveform.shape[0] < kernel else (waveform.shape[0] - kernel) // stride + 1
+        chunk_outputs = max(1, STATISTICS_CHUNK_SAMPLES // stride)
+        sums = torch.zeros(norm.num_channels, dtype=torch.float64)
+        squares = torch.zeros(norm.num_channels, dtype=torch.float64)
+        for first_output in range(0, total, chunk_outputs):
+            last_output = min(total, first_output + chunk_outputs)
+            begin, end = first_output * stride, (last_output - 1) * stride + kernel
+            x = self._normalised(waveform[begin:end], begin, statistics)[None, None].to(self.device, self.dtype)
+            out = first.conv(x)[0]
+            sums += out.sum(dim=1, dtype=torch.float64).cpu()
+            squares += out.square().sum(dim=1, dtype=torch.float64).cpu()
+        groups = norm.num_groups
+        count = total * (norm.num_channels // groups)
+        group_mean = sums.view(groups, -1).sum(dim=1) / count
+        group_var = (squares.view(groups, -1).sum(dim=1) / count - group_mean**2).clamp_min(0.0)
+        per_channel = norm.num_channels // groups
+        mean = group_mean.repeat_interleave(per_channel)
+        rstd = torch.rsqrt(group_var + norm.eps).repeat_interleave(per_channel)
+        return mean.float(), rstd.float()

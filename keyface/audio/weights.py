@@ -1,0 +1,190 @@
+"""Reading the audio encoders' weight files.
+
+WavLM and BEATs come as the original unilm files: ``torch.save({'cfg': dict, 'model': state_dict})`` (.pt),
+read with ``torch.load(weights_only=True)`` only. They may also be stored as safetensors holding the same
+state dict (unilm key names). A safetensors file carries no pickle, so its ``cfg`` is looked up, in order:
+
+1. the file's metadata entry ``"cfg"`` (JSON text) - what :func:`convert_unilm_checkpoint` writes;
+2. a JSON file beside it: ``NAME.json`` for ``NAME.safetensors`` (also ``BASE.json`` for ``BASE.model.safetensors``);
+3. the original ``.pt`` beside it (``NAME.pt`` or ``BASE.pt``), whose ``cfg`` entry is read.
+
+wav2vec2 (and WavLM in the Hugging Face layout) are folders with ``config.json`` and weights, loaded
+locally by transformers (see ``keyface.audio.wavlm`` and ``keyface.audio.wav2vec2``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, MissingWeightsError
+
+WAVLM_FILE = "WavLM-Base+.pt"
+BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+WAV2VEC2_FOLDER = "wav2vec2-base-960h"
+
+WAVLM_ORIGIN = (
+    "WavLM Base+ comes from the Microsoft unilm WavLM release (file WavLM-Base+.pt); the KeyFace release "
+    "expects it in its checkpoints folder next to keyframe.pt. The Hugging Face folder microsoft/wavlm-base-plus "
+    "(config.json + weights) works too"
+)
+BEATS_ORIGIN = (
+    "BEATs comes from the Microsoft unilm BEATs release (file BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt); "
+    "the KeyFace release expects it in its checkpoints folder next to keyframe.pt"
+)
+WAV2VEC2_ORIGIN = (
+    "wav2vec2 is the Hugging Face model facebook/wav2vec2-base-960h: download that repository as a folder "
+    "(config.json + model.safetensors or pytorch_model.bin) and pass the folder"
+)
+
+_CFG_METADATA_KEY = "cfg"
+_REFUSED_PICKLE_HELP = (
+    'convert it once to safetensors where you trust the file, e.g. python -c "import json, torch; '
+    "from safetensors.torch import save_file; c = torch.load('IN.pt', weights_only=False); "
+    "save_file(c['model'], 'OUT.safetensors', metadata={'cfg': json.dumps(c['cfg'])})\" and pass OUT.safetensors"
+)
+
+
+@dataclass(frozen=True)
+class UnilmCheckpoint:
+    """An original unilm encoder checkpoint: its config dict and its state dict (unilm key names)."""
+
+    cfg: dict
+    state_dict: dict[str, torch.Tensor]
+    path: Path
+
+
+def require_path(path: str | os.PathLike, what: str, origin: str) -> Path:
+    """Return ``path`` as a Path, or raise :class:`MissingWeightsError` naming it and where it comes from."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingWeightsError(f"{what} not found: looked for {path}. {origin}.")
+    return path
+
+
+def read_unilm_checkpoint(path: str | os.PathLike, what: str, origin: str) -> UnilmCheckpoint:
+    """Read a unilm ``{'cfg', 'model'}`` .pt file or a safetensors copy of its state dict (module doc)."""
+    path = require_path(path, what, origin)
+    if path.is_dir():
+        raise CheckpointError(f"{what}: {path} is a folder; pass the checkpoint file itself (.pt or .safetensors)")
+    if path.suffix == ".safetensors":
+        state_dict = _read_safetensors(path, what)
+        return UnilmCheckpoint(_find_cfg_for_safetensors(path, what), state_dict, path)
+    checkpoint = _torch_load(path, what)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("cfg"), dict) or "model" not in checkpoint:
+        raise CheckpointError(
+            f"{what}: {path} is not an original unilm checkpoint (expected a dict with 'cfg' and 'model'). {origin}."
+        )
+    return UnilmCheckpoint(dict(checkpoint["cfg"]), _tensor_dict(checkpoint["model"], path, what), path)
+
+
+def convert_unilm_checkpoint(source: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Write a unilm .pt checkpoint as safetensors with its cfg in the metadata; returns the new file.
+
+    ``target`` defaults to ``SOURCE.safetensors`` beside the .pt file.
+    """
+    checkpoint = read_unilm_checkpoint(source, "encoder checkpoint", "an original unilm {'cfg', 'model'} file")
+    from safetensors.torch import save_file
+
+    target = Path(target) if target is not None else checkpoint.path.with_suffix(".safetensors")
+    # cloned: tied tensors (BEATs' shared position-bias table) share storage, which safetensors refuses
+    tensors = {key: value.detach().clone().contiguous() for key, value in checkpoint.state_dict.items()}
+    save_file(tensors, str(target), metadata={_CFG_METADATA_KEY: json.dumps(checkpoint.cfg)})
+    return target
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """What identifies a weight file or folder for the feature cache: resolved path, size and mtime (ns).
+
+    A folder is identified by every file directly inside it. Content hashes are not used: they would cost
+    a full read of hundreds of MB on every run.
+    """
+    path = Path(path).expanduser().resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    parts = []
+    for file in files:
+        stat = file.stat()
+        parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _torch_load(path: Path, what: str):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as error:
+        lines = str(error).splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(
+            f"{what}: {path} holds Python objects that torch.load(weights_only=True) refuses to load ({detail}). "
+            f"KeyFace never unpickles arbitrary objects; {_REFUSED_PICKLE_HELP}"
+        ) from error
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{what}: {path} is not a readable PyTorch checkpoint ({error})") from error
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{what}: {path} is not a readable safetensors file ({error})") from error
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+def _find_cfg_for_safetensors(path: Path, what: str) -> dict:
+    metadata = _safetensors_metadata(path)
+    if _CFG_METADATA_KEY in metadata:
+        return _parse_cfg_json(metadata[_CFG_METADATA_KEY], f"{path} (metadata '{_CFG_METADATA_KEY}')", what)
+    stems = [path.name[: -len(".safetensors")]]
+    if stems[0].endswith(".model"):
+        stems.append(stems[0][: -len(".model")])
+    for stem in stems:
+        sidecar = path.with_name(stem + ".json")
+        if sidecar.is_file():
+            return _parse_cfg_json(sidecar.read_text(), str(sidecar), what)
+    for stem in stems:
+        original = path.with_name(stem + ".pt")
+        if original.is_file():
+            checkpoint = _torch_load(original, what)
+            if isinstance(checkpoint, dict) and isinstance(checkpoint.get("cfg"), dict):
+                return dict(checkpoint["cfg"])
+    raise CheckpointError(
+        f"{what}: {path} holds weights but no config. Store the original cfg dict as JSON in the file's metadata "
+        f"key '{_CFG_METADATA_KEY}' (keyface.audio.weights.convert_unilm_checkpoint does this), or beside it as "
+        f"{path.with_name(stems[-1] + '.json')}, or put the original {stems[-1]}.pt beside it"
+    )
+
+
+def _parse_cfg_json(text: str, where: str, what: str) -> dict:
+    try:
+        cfg = json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(f"{what}: the config in {where} is not valid JSON ({error})") from error
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{what}: the config in {where} must be a JSON object")
+    return cfg
+
+
+def _tensor_dict(state_dict, path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{what}: {path}: 'model' must be a state dict of tensors")
+    return dict(state_dict)

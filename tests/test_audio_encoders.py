@@ -1,0 +1,149 @@
+"""The three audio encoders against the fixtures' raw outputs, and their weight files (wavlm, beats, wav2vec2)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from keyface.audio.beats import beats_fbank, load_beats
+from keyface.audio.encoders import WindowConfig
+from keyface.audio.features import nearest_indices
+from keyface.audio.io import AudioClip, num_video_frames, pad_to_frames, to_encoder_waveform
+from keyface.audio.wav2vec2 import load_wav2vec2
+from keyface.audio.wavlm import load_wavlm
+from keyface.audio.weights import BEATS_FILE, WAV2VEC2_FOLDER, WAVLM_FILE, convert_unilm_checkpoint
+from keyface.errors import CheckpointError, MissingWeightsError
+
+CLIPS = ["audio_clip16k_mono", "audio_clip44k_stereo"]
+SINGLE_PASS = WindowConfig(window_seconds=1e9, context_seconds=1.0)
+TOLERANCE = 1e-4  # fixtures README: float32 outputs
+
+
+def audio_dir(fixture_set: Path) -> Path:
+    return fixture_set / "checkpoints" / "audio"
+
+
+@functools.cache
+def fixture_encoders(fixture_set: Path):
+    folder = audio_dir(fixture_set)
+    return load_wavlm(folder / WAVLM_FILE), load_beats(folder / BEATS_FILE), load_wav2vec2(folder / WAV2VEC2_FOLDER)
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("clip_name", CLIPS)
+def test_raw_encoder_outputs_match_fixture(fixture_set, clip_name):
+    expected = load_file(fixture_set / "audio" / f"{clip_name}.safetensors")
+    wavlm, beats, wav2vec2 = fixture_encoders(fixture_set)
+    assert max_difference(wavlm.encode(expected["wavlm_input"][0]), expected["wavlm_raw"][0]) <= TOLERANCE
+    assert max_difference(beats_fbank(expected["beats_input"][0]), expected["beats_fbank"][0]) <= TOLERANCE
+    assert max_difference(beats.encode(expected["beats_input"][0]), expected["beats_raw"][0]) <= TOLERANCE
+    # wav2vec2 normalises the clip itself: feed the un-normalised, zero-padded clip and its real length
+    clip = AudioClip(expected["waveform"], int(expected["sample_rate"]))
+    waveform = to_encoder_waveform(clip, "reference")
+    padded = pad_to_frames(waveform, num_video_frames(waveform.shape[0]))
+    assert padded.shape == expected["wav2vec2_input"][0].shape
+    out = wav2vec2.encode(padded, num_valid=waveform.shape[0])
+    assert max_difference(out, expected["wav2vec2_raw"][0]) <= TOLERANCE
+
+
+def test_encoder_sizes_come_from_the_checkpoint(fixture_set):
+    config = json.loads((fixture_set / "config.json").read_text())["audio_encoders"]
+    wavlm, beats, wav2vec2 = fixture_encoders(fixture_set)
+    assert wavlm.dim == config["wavlm"]["cfg"]["encoder_embed_dim"]
+    assert len(wavlm.module.encoder.layers) == config["wavlm"]["cfg"]["encoder_layers"]
+    assert beats.dim == config["beats"]["cfg"]["encoder_embed_dim"]
+    assert len(beats.module.encoder.layers) == config["beats"]["cfg"]["encoder_layers"]
+    assert wav2vec2.dim == config["wav2vec2"]["config"]["hidden_size"]
+
+
+def test_pt_and_safetensors_copies_give_identical_outputs(fixture_set, tmp_path):
+    folder = audio_dir(fixture_set)
+    signal = torch.from_numpy(np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.1)
+    for loader, name in [(load_wavlm, WAVLM_FILE), (load_beats, BEATS_FILE)]:
+        reference = loader(folder / name).encode(signal)
+        flat_copy = folder / name.replace(".pt", ".model.safetensors")  # cfg read from the .pt beside it
+        converted = convert_unilm_checkpoint(folder / name, tmp_path / name.replace(".pt", ".safetensors"))
+        sidecar_dir = tmp_path / "sidecar"
+        sidecar_dir.mkdir(exist_ok=True)
+        alone = sidecar_dir / flat_copy.name
+        shutil.copy(flat_copy, alone)
+        cfg = torch.load(folder / name, weights_only=True)["cfg"]
+        (sidecar_dir / name.replace(".pt", ".json")).write_text(json.dumps(cfg))
+        for variant in (flat_copy, converted, alone):
+            assert torch.equal(loader(variant).encode(signal), reference), variant
+
+
+def test_hugging_face_wavlm_folder_loads_the_same_network(fixture_set, tmp_path):
+    wavlm = fixture_encoders(fixture_set)[0]
+    wavlm.module.save_pretrained(tmp_path / "wavlm-base-plus")
+    from_folder = load_wavlm(tmp_path / "wavlm-base-plus")
+    signal = torch.linspace(-0.5, 0.5, 8_000)
+    assert torch.equal(from_folder.encode(signal), wavlm.encode(signal))
+
+
+def test_missing_and_wrong_weight_files(fixture_set, tmp_path):
+    folder = audio_dir(fixture_set)
+    with pytest.raises(MissingWeightsError, match=r"WavLM-Base\+.pt.*unilm"):
+        load_wavlm(tmp_path / WAVLM_FILE)
+    with pytest.raises(MissingWeightsError, match="BEATs.*unilm"):
+        load_beats(tmp_path / BEATS_FILE)
+    with pytest.raises(MissingWeightsError, match="facebook/wav2vec2-base-960h"):
+        load_wav2vec2(tmp_path / WAV2VEC2_FOLDER)
+    with pytest.raises(CheckpointError, match="lacks the config entries"):
+        load_wavlm(folder / BEATS_FILE)
+    with pytest.raises(CheckpointError, match="lacks the config entries"):
+        load_beats(folder / WAVLM_FILE)
+    alone = tmp_path / "weights.safetensors"
+    shutil.copy(folder / WAVLM_FILE.replace(".pt", ".model.safetensors"), alone)
+    with pytest.raises(CheckpointError, match="no config"):
+        load_wavlm(alone)
+    truncated = tmp_path / WAVLM_FILE
+    truncated.write_bytes((folder / WAVLM_FILE).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_wavlm(truncated)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"cfg": {}, "model": {}, "extra": WindowConfig()}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only=True.*safetensors"):
+        load_beats(pickled)
+    mismatched = tmp_path / "mismatched.pt"
+    checkpoint = torch.load(folder / WAVLM_FILE, weights_only=True)
+    checkpoint["cfg"]["encoder_layers"] += 1
+    torch.save(checkpoint, mismatched)
+    with pytest.raises(CheckpointError, match="does not match its own cfg"):
+        load_wavlm(mismatched)
+    with pytest.raises(CheckpointError, match="is a file"):
+        load_wav2vec2(folder / WAVLM_FILE)
+    no_config = tmp_path / "empty_model"
+    no_config.mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_wav2vec2(no_config)
+    wrong_model = tmp_path / "wrong_model"
+    wrong_model.mkdir()
+    (wrong_model / "config.json").write_text(json.dumps({"model_type": "wavlm"}))
+    with pytest.raises(CheckpointError, match="holds a 'wavlm' model"):
+        load_wav2vec2(wrong_model)
+    empty_weights = tmp_path / "no_weights"
+    shutil.copytree(folder / WAV2VEC2_FOLDER, empty_weights)
+    tensors = load_file(empty_weights / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "layers.0." not in k}, empty_weights / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lacks weights"):
+        load_wav2vec2(empty_weights)
+
+
+@pytest.mark.parametrize("source", [1, 2, 3, 7, 159, 160, 167, 333, 1000, 4097])
+def test_nearest_indices_follow_torch_interpolate(source):
+    for target in {1, 2, source, 2 * source, 2 * source + 2, 3 * source + 1, 168, 4096}:
+        values = torch.arange(source, dtype=torch.float32)[None, None]
+        expected = torch.nn.functional.interpolate(values, size=target, mode="nearest")[0, 0].long().numpy()
+        np.testing.assert_array_equal(nearest_indices(source, target), expected)
