@@ -299,6 +299,18 @@ class AudioTrack:
         object.__setattr__(self, "sample_rate", int(self.sample_rate))
 
     @classmethod
+    def muxable(cls, waveform: Any, sample_rate: int) -> AudioTrack:
+        """A track of ``waveform`` (channels, samples) at its own rate when AAC can store that rate, else
+        resampled to 48 kHz (torchaudio's default filter)."""
+        if int(sample_rate) in AAC_SAMPLE_RATES:
+            return cls(waveform, sample_rate)
+        import torch
+        import torchaudio
+
+        resampled = torchaudio.functional.resample(torch.as_tensor(waveform).float(), int(sample_rate), 48000)
+        return cls(resampled, 48000)
+
+    @classmethod
     def from_comfy(cls, audio: dict) -> AudioTrack:
         """From a ComfyUI ``AUDIO`` dict ``{"waveform": (batch, channels, samples), "sample_rate": int}`` (item 0)."""
         try:

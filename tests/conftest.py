@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# Idle OpenMP threads sleep instead of spinning: with torch's default (active) policy, a 2-core machine that is
+# also running anything else makes small CPU ops tens of times slower. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,15 @@ def media_dir() -> Path:
     if not root.is_dir():
         pytest.skip(f"test media not found at {root} (set KEYFACE_MEDIA)")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_keyface_cache(tmp_path_factory):
+    """Feature cache and job folders of the whole test session go to a temporary folder, not ~/.cache."""
+    previous = os.environ.get("KEYFACE_CACHE_DIR")
+    os.environ["KEYFACE_CACHE_DIR"] = str(tmp_path_factory.mktemp("keyface-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KEYFACE_CACHE_DIR", None)
+    else:
+        os.environ["KEYFACE_CACHE_DIR"] = previous

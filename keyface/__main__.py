@@ -1,0 +1,7 @@
+"""``python -m keyface``: see :mod:`keyface.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

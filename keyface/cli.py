@@ -1,0 +1,130 @@
+"""Command line: ``python -m keyface <command>`` (also installed as ``keyface``).
+
+Commands:
+    generate   portrait + audio -> talking-head mp4 (any length; resumable; progress with ETA)
+    demo       the whole pipeline on tiny random weights and generated inputs, to see it run in a minute
+    crop       find the face in an image, write the square crop, print the box as one JSON line
+    convert    rewrite an original .pt checkpoint (KeyFace stage or audio encoder) as .safetensors
+
+Errors the user can act on are printed as one line (no traceback) with exit status 2; Ctrl-C exits with
+status 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import KeyFaceError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from .noise import DEFAULT_SEED
+    from .pipeline import DEFAULT_SEGMENTS_PER_CALL
+    from .sampling import AUTOGUIDANCE_SCALE, DEFAULT_NUM_STEPS, KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
+
+    group = parser.add_argument_group("generation")
+    group.add_argument("--emotion", default="neutral",
+                       help="a name (happy), a timed list ('neutral at 0 s, happy at 4 s') or emotion JSON (a file "
+                            "path works too); default neutral")
+    group.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    group.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS,
+                       help=f"sampler steps setting, >= 10 (default {DEFAULT_NUM_STEPS} = 11 network evaluations)")
+    group.add_argument("--audio-scale", type=float, default=KEYFRAME_AUDIO_SCALE,
+                       help=f"keyframe audio guidance (default {KEYFRAME_AUDIO_SCALE})")
+    group.add_argument("--identity-scale", type=float, default=KEYFRAME_IDENTITY_SCALE,
+                       help=f"keyframe identity guidance (default {KEYFRAME_IDENTITY_SCALE})")
+    group.add_argument("--autoguidance-scale", type=float, default=AUTOGUIDANCE_SCALE,
+                       help=f"interpolation autoguidance (default {AUTOGUIDANCE_SCALE}; 1 = no bad model needed)")
+    group.add_argument("--schedule", choices=("aligned", "reference"), default="aligned",
+                       help="aligned (default): every frame gets its own audio; reference: the original's "
+                            "arithmetic, quirks included")
+    group.add_argument("--segments-per-call", type=int, default=DEFAULT_SEGMENTS_PER_CALL,
+                       help=f"interpolation segments per network call (default {DEFAULT_SEGMENTS_PER_CALL})")
+    group.add_argument("--fps", type=float, default=25.0, help="output frame rate; the models are trained at 25")
+    group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="network precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    group.add_argument("--crop", default="center",
+                       help="identity crop: center (default), auto (face detection) or x,y,size in source pixels")
+    group.add_argument("--paste-back", action="store_true",
+                       help="paste the animated face back into the full original picture")
+    group.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; default 18)")
+    group.add_argument("--job-dir", type=Path, default=None,
+                       help="where finished work is kept so that an interrupted run resumes "
+                            "(default: .<output name>.keyface-job next to the output)")
+    group.add_argument("--keep-job", action="store_true", help="keep the job folder after success")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keyface", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (and show tracebacks)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="portrait + audio -> talking-head mp4")
+    generate.add_argument("--image", required=True, type=Path, help="portrait image (or a video: its first frame)")
+    generate.add_argument("--audio", required=True, type=Path, help="audio file (wav/mp3/flac/m4a/ogg or a video)")
+    generate.add_argument("--out", required=True, type=Path, help="output .mp4")
+    generate.add_argument("--models", type=Path, default=Path("models/keyface"),
+                          help="KeyFace models folder (default models/keyface; see README 'Weights')")
+    _add_generation_options(generate)
+
+    demo = commands.add_parser("demo", help="run everything on tiny random weights (the result is noise)")
+    demo.add_argument("--out", type=Path, default=Path("keyface_demo.mp4"), help="output .mp4")
+    demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated speech-like audio")
+    demo.add_argument("--models", type=Path, default=None,
+                      help="where to write the tiny demo weights (default: a folder in the KeyFace cache)")
+
+    crop = commands.add_parser("crop", help="write the square face crop of an image; print its box as JSON")
+    crop.add_argument("image", type=Path)
+    crop.add_argument("out", type=Path, help="output image (.png, .jpg, .webp)")
+    crop.add_argument("--crop", default="auto", help="auto (default), center, or x,y,size")
+    crop.add_argument("--size", type=int, default=512, help="output size in pixels (default 512)")
+    crop.add_argument("--margin", type=float, default=None, help="space around the face (default 0.6)")
+    crop.add_argument("--face-index", type=int, default=None, help="which face when there are several (0 = largest)")
+
+    convert = commands.add_parser(
+        "convert", help="rewrite an original .pt checkpoint as .safetensors (unpickles the input: trusted files only)"
+    )
+    convert.add_argument("source", type=Path)
+    convert.add_argument("target", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.command == "generate":
+            from .generate import generate_from_files
+
+            generate_from_files(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out, seconds=args.seconds, models_folder=args.models)
+        elif args.command == "crop":
+            from .face import crop_face_to_file, parse_crop
+
+            options = {k: v for k, v in (("margin", args.margin), ("face_index", args.face_index)) if v is not None}
+            box = crop_face_to_file(args.image, args.out, crop=parse_crop(args.crop), size=args.size, **options)
+            print(json.dumps(box))
+        elif args.command == "convert":
+            from .checkpoints import convert_any
+
+            print(convert_any(args.source, args.target))
+    except KeyFaceError as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0

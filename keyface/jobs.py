@@ -1,0 +1,229 @@
+"""The job folder: finished work of a generation kept on disk, so that an interrupted run resumes.
+
+Layout::
+
+    <job>/job.json                                   what the job is (descriptions and their fingerprints)
+    <job>/keyframes/batch_000012.safetensors         keyframe latents of batch 12   {"latents": (14, C, h, w)}
+    <job>/segments-<fp>/segment_000345.safetensors   latents of segment 345         {"latents": (14, C, h, w)}
+
+The folder belongs to one *keyframe job* (identity, keyframe audio, emotion, keyframe settings and model):
+another one empties it. The interpolation settings (steps, guidance, seed, model) select a ``segments-<fp>``
+subfolder, so re-running stage 2 with other settings keeps the keyframes (only the most recently used segment
+folders are kept: a job folder is a cache of one job, not an archive). A segment file also records a digest of the two keyframe
+latents it was interpolated from: when a keyframe is replaced (an artist's edit), the segments that used the
+old one are recomputed rather than reused. Every file is written under a temporary name and renamed, so a file
+that exists is complete.
+
+Job folders without an explicit path live under :func:`default_jobs_root`, named by fingerprint, and the
+least recently used ones are deleted beyond a size cap (:func:`prune_jobs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import KeyFaceError
+from .paths import default_cache_root
+
+logger = logging.getLogger(__name__)
+
+JOB_FORMAT = "keyface-job-v1"
+DEFAULT_JOBS_MAX_BYTES = 20 * 1024**3  # about 3.5 hours of full-size latents (5.9 GB per hour of video)
+_MANIFEST = "job.json"
+_LATENTS = "latents"
+_KEYFRAME_DIGEST = "keyframes"
+# Segment folders (other stage-2 settings) kept per job besides the newest: re-rolls stay cheap to revisit.
+_SEGMENT_FOLDERS_KEPT = 3
+
+
+def default_jobs_root() -> Path:
+    return default_cache_root() / "jobs"
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 (hex) of the float32 bytes of ``tensors`` in order (shapes included)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(description: dict) -> str:
+    """A short stable digest of a JSON-serialisable description."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def prune_jobs(root: Path, max_bytes: int = DEFAULT_JOBS_MAX_BYTES, keep: Path | None = None) -> None:
+    """Delete the least recently used job folders under ``root`` until they total at most ``max_bytes``."""
+    if not root.is_dir():
+        return
+    jobs = []
+    for folder in root.iterdir():
+        if folder.is_dir() and folder != keep:
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            used = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
+            jobs.append((used, sum(p.stat().st_size for p in files), folder))
+    total = sum(size for _, size, _ in jobs)
+    if keep is not None and keep.is_dir():
+        total += sum(p.stat().st_size for p in keep.rglob("*") if p.is_file())
+    for _, size, folder in sorted(jobs):
+        if total <= max_bytes:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        logger.info("removed the old job folder %s (job cache over %d bytes)", folder, max_bytes)
+
+
+class JobFolder:
+    """Finished keyframe batches and segments of one job, on disk.
+
+    Args:
+        path: the folder (created if missing); ``None``: ``<jobs root>/<keyframe fingerprint>``.
+        keyframe_job: JSON-serialisable description of everything the keyframes depend on.
+        segment_job: the same for what the segments depend on besides their two keyframes.
+        root: the jobs root for ``path=None`` (default :func:`default_jobs_root`), pruned to ``max_bytes``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        keyframe_job: dict,
+        segment_job: dict,
+        *,
+        root: str | os.PathLike | None = None,
+        max_bytes: int = DEFAULT_JOBS_MAX_BYTES,
+    ):
+        self.keyframe_fingerprint = fingerprint(keyframe_job)
+        self.segment_fingerprint = fingerprint(segment_job)
+        if path is None:
+            jobs_root = Path(root).expanduser() if root is not None else default_jobs_root()
+            path = jobs_root / self.keyframe_fingerprint
+            prune_jobs(jobs_root, max_bytes, keep=path)
+        self.path = Path(path).expanduser().absolute()
+        self.segments_path = self.path / f"segments-{self.segment_fingerprint}"
+        try:
+            self._adopt(keyframe_job, segment_job)
+        except OSError as error:
+            raise KeyFaceError(
+                f"cannot use the job folder {self.path}: {error.strerror or error}; choose a writable folder for "
+                "the job (it keeps finished work so that an interrupted run resumes)"
+            ) from error
+
+    def _adopt(self, keyframe_job: dict, segment_job: dict) -> None:
+        manifest = self.path / _MANIFEST
+        try:
+            existing = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, ValueError):
+            existing = None
+        if not manifest.is_file() and self.path.is_dir() and any(self.path.iterdir()):
+            raise KeyFaceError(
+                f"the job folder {self.path} is not empty and holds no KeyFace job ({_MANIFEST}); give a new or "
+                "empty folder (nothing in it was touched)"
+            )
+        if manifest.is_file() and (existing or {}).get("keyframe_fingerprint") != self.keyframe_fingerprint:
+            logger.info("job folder %s held another job; starting this one afresh", self.path)
+            self._clear()
+        (self.path / "keyframes").mkdir(parents=True, exist_ok=True)
+        self.segments_path.mkdir(exist_ok=True)
+        os.utime(self.segments_path)
+        older = sorted(self.path.glob("segments-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for stale in older[_SEGMENT_FOLDERS_KEPT:]:
+            shutil.rmtree(stale, ignore_errors=True)
+        description = {
+            "format": JOB_FORMAT,
+            "keyframe_fingerprint": self.keyframe_fingerprint,
+            "segment_fingerprint": self.segment_fingerprint,
+            "keyframe_job": keyframe_job,
+            "segment_job": segment_job,
+        }
+        self._write_text(manifest, json.dumps(description, indent=1, sort_keys=True))
+
+    def keyframes(self, batch: int) -> torch.Tensor | None:
+        """Latents ``(14, C, h, w)`` of keyframe batch ``batch``, or None when not done yet."""
+        stored = self._read(self._keyframe_path(batch))
+        return None if stored is None else stored[0]
+
+    def save_keyframes(self, batch: int, latents: torch.Tensor) -> None:
+        self._save(self._keyframe_path(batch), latents, {})
+
+    def segment(self, index: int, keyframe_digest: str) -> torch.Tensor | None:
+        """Latents ``(14, C, h, w)`` of segment ``index`` if it was made from keyframes with ``keyframe_digest``."""
+        stored = self._read(self._segment_path(index))
+        if stored is None or stored[1].get(_KEYFRAME_DIGEST) != keyframe_digest:
+            return None
+        return stored[0]
+
+    def save_segment(self, index: int, keyframe_digest: str, latents: torch.Tensor) -> None:
+        self._save(self._segment_path(index), latents, {_KEYFRAME_DIGEST: keyframe_digest})
+
+    def remove(self) -> None:
+        """Delete the whole folder (after a finished job whose work need not be kept)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def touch(self) -> None:
+        """Mark the job as recently used (for :func:`prune_jobs`)."""
+        now = time.time()
+        try:
+            os.utime(self.path / _MANIFEST, (now, now))
+        except OSError:
+            pass
+
+    def _keyframe_path(self, batch: int) -> Path:
+        return self.path / "keyframes" / f"batch_{batch:06d}.safetensors"
+
+    def _segment_path(self, index: int) -> Path:
+        return self.segments_path / f"segment_{index:06d}.safetensors"
+
+    def _read(self, path: Path) -> tuple[torch.Tensor, dict] | None:
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path))[_LATENTS], metadata
+        except (OSError, SafetensorError, KeyError) as error:
+            logger.warning("ignoring unreadable job file %s (%s); it will be recomputed", path, error)
+            return None
+
+    def _save(self, path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> None:
+        temp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+            os.close(handle)
+            save_file({_LATENTS: latents.detach().to("cpu", torch.float32).contiguous()}, temp, metadata=metadata)
+            os.replace(temp, path)
+        except OSError as error:
+            if temp is not None:
+                Path(temp).unlink(missing_ok=True)
+            raise KeyFaceError(
+                f"cannot save finished work to the job folder {self.path}: {error.strerror or error}; "
+                "free some disk space or choose another job folder"
+            ) from error
+
+    def _write_text(self, path: Path, text: str) -> None:
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temp, path)
+
+    def _clear(self) -> None:
+        for child in self.path.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)

@@ -1,0 +1,563 @@
+"""The two-stage long-video pipeline: keyframes -> interpolated segments -> frames, in bounded memory.
+
+Data flow (one :class:`TalkingHeadJob` per video)::
+
+    identity latent, audio features, emotion per frame
+        -> plan_schedule()                 keyframe batches, segments, chunks, output assembly (keyface.schedule)
+        -> keyframe_batch(b)               stage 1: 14 keyframe latents per network call   (cached, resumable)
+        -> segment(k)                      stage 2: 14 interpolated latents per segment    (cached, resumable)
+        -> frames()                        decode one frame at a time, average shared keyframe frames
+        -> run(sink)                       stream the frames to an mp4 / list / callback in order
+
+Work happens on demand: asking for a frame computes (or loads from the job folder) exactly the keyframe
+batches and segments it needs, in the original's order and with its noise draws. ``run`` therefore streams
+the video chunk by chunk (frames leave as soon as they are final), while the ComfyUI nodes can run stage 1
+for the whole video, let an artist edit keyframes, then run stage 2 (:meth:`TalkingHeadJob.generate_keyframes`,
+:meth:`TalkingHeadJob.replace_keyframe`, :meth:`TalkingHeadJob.interpolate`). Memory holds a few batches and
+segments at a time; everything finished lives in the job folder (:mod:`keyface.jobs`), so an interrupted run
+resumes where it stopped and gives the frames of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .jobs import JobFolder, tensor_digest
+from .noise import DEFAULT_SEED, NoiseSource, SeededNoise
+from .sampling import (
+    AUTOGUIDANCE_SCALE,
+    DEFAULT_NUM_STEPS,
+    KEYFRAME_AUDIO_SCALE,
+    KEYFRAME_IDENTITY_SCALE,
+    ays_sigmas,
+    sample_keyframes,
+    sample_segments,
+)
+from .schedule import ALIGNED, SCHEDULE_MODES, Schedule, SlotRole, plan_schedule
+from .video import FrameSink, to_uint8
+
+if TYPE_CHECKING:
+    from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
+    from .models.vae import FrameDecoder, IdentityEncoder
+
+logger = logging.getLogger(__name__)
+
+# Segments interpolated per network call: the original's `chunk_size = 2 * 14` frames (spec §5.5).
+DEFAULT_SEGMENTS_PER_CALL = 2
+# Latents kept in memory besides the job folder (a chunk holds 2 batches and up to 27 segments).
+_CACHED_BATCHES = 4
+_CACHED_SEGMENTS = 64
+# Output frames decoded per VAE call (the decoder still sees every frame alone, spec §9.6).
+_DECODE_BLOCK = 13
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to sample: steps, guidance, seed, schedule, batching. Defaults are the original's (spec §5, §6)."""
+
+    num_steps: int = DEFAULT_NUM_STEPS
+    audio_scale: float = KEYFRAME_AUDIO_SCALE
+    identity_scale: float = KEYFRAME_IDENTITY_SCALE
+    autoguidance_scale: float = AUTOGUIDANCE_SCALE
+    seed: int = DEFAULT_SEED
+    schedule: str = ALIGNED
+    segments_per_call: int = DEFAULT_SEGMENTS_PER_CALL
+    interpolation_seed: int | None = None  # None: one noise stream for both stages, in the original order
+    interpolation_steps: int | None = None  # stage 2's steps setting; None: num_steps for both stages
+
+    def __post_init__(self):
+        ays_sigmas(self.num_steps)  # validates num_steps with the sampler's own message
+        if self.interpolation_steps is not None:
+            try:
+                ays_sigmas(self.interpolation_steps)
+            except InputError as error:
+                raise InputError(f"interpolation_steps: {error}") from None
+        for name in ("audio_scale", "identity_scale", "autoguidance_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.schedule not in SCHEDULE_MODES:
+            raise InputError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {self.schedule!r}")
+        if isinstance(self.segments_per_call, bool) or not isinstance(self.segments_per_call, int) or (
+            self.segments_per_call < 1
+        ):
+            raise InputError(f"segments_per_call must be an integer >= 1, got {self.segments_per_call!r}")
+        for name in ("seed", "interpolation_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64):
+                raise InputError(f"{name} must be an integer in [0, 2**64), got {value!r}")
+
+    @property
+    def steps_per_sample(self) -> int:
+        """Network evaluations (Euler steps) per sampled keyframe batch."""
+        return len(ays_sigmas(self.num_steps)) - 1
+
+    @property
+    def segment_steps(self) -> int:
+        """The steps setting of stage 2 (``interpolation_steps``, else ``num_steps``)."""
+        return self.num_steps if self.interpolation_steps is None else self.interpolation_steps
+
+    @property
+    def segment_steps_per_sample(self) -> int:
+        """Network evaluations (Euler steps) per interpolation call."""
+        return len(ays_sigmas(self.segment_steps)) - 1
+
+
+@dataclass
+class KeyFaceModels:
+    """Everything the pipeline runs: both stages, the autoguidance network and the VAE parts.
+
+    ``decoder`` (the interpolation checkpoint's VAE decoder) makes the output frames; ``keyframe_decoder`` (the
+    keyframe checkpoint's) only previews keyframes. ``identity_encoder`` turns images into latents (identity,
+    edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint.
+    """
+
+    keyframe: KeyframeModel
+    interpolation: InterpolationModel
+    autoguidance: InterpolationNetwork | None
+    decoder: FrameDecoder
+    keyframe_decoder: FrameDecoder | None = None
+    identity_encoder: IdentityEncoder | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents (from the interpolation model's learned mask)."""
+        return tuple(self.interpolation.learned_mask.shape)
+
+    @property
+    def image_size(self) -> int:
+        return self.interpolation.config.image_size
+
+    def encode_image(self, image: np.ndarray, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sampler-space latent ``(1, C, h, w)`` of a square uint8 RGB image ``(S, S, 3)`` (posterior mean, or
+        the posterior sample for a given standard-normal ``noise``)."""
+        from .models.vae import preprocess_image
+
+        if self.identity_encoder is None:
+            raise InputError("no VAE encoder is loaded: load the SVD VAE to turn images into latents")
+        with torch.inference_mode():
+            return self.identity_encoder.encode(preprocess_image(image, self.image_size), noise).cpu()
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the video is conditioned on; per-frame arrays hold one entry per 25-fps frame of the audio.
+
+    Attributes:
+        identity_latent: ``(1, C, h, w)`` sampler-space latent of the identity image.
+        keyframe_audio: ``(frames, 2, Dk)`` keyframe-stage audio features (may be memory-mapped).
+        interpolation_audio: ``(frames, 2, Di)`` interpolation-stage audio features.
+        valence, arousal: ``(frames,)`` emotion per frame.
+    """
+
+    identity_latent: torch.Tensor
+    keyframe_audio: torch.Tensor
+    interpolation_audio: torch.Tensor
+    valence: torch.Tensor
+    arousal: torch.Tensor
+
+    def __post_init__(self):
+        frames = len(self.keyframe_audio)
+        if frames < 1:
+            raise InputError("the audio features hold no frame: give at least one frame (40 ms) of audio")
+        for name in ("interpolation_audio", "valence", "arousal"):
+            if len(getattr(self, name)) < frames:
+                raise InputError(f"{name} holds {len(getattr(self, name))} frames; the keyframe audio holds {frames}")
+        if self.identity_latent.ndim != 4 or self.identity_latent.shape[0] != 1:
+            raise InputError(f"identity_latent has shape {tuple(self.identity_latent.shape)}; expected (1, C, h, w)")
+        for name in ("valence", "arousal"):
+            values = torch.as_tensor(getattr(self, name))
+            if not torch.isfinite(values).all():
+                raise InputError(f"{name} contains NaN or infinite values")
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.keyframe_audio)
+
+    def digests(self) -> dict[str, str]:
+        """Content digests, for the job fingerprint (hashing reads memory-mapped features once)."""
+        return {
+            "identity": tensor_digest(self.identity_latent),
+            "keyframe_audio": _array_digest(self.keyframe_audio),
+            "interpolation_audio": _array_digest(self.interpolation_audio),
+            "emotion": tensor_digest(torch.as_tensor(self.valence), torch.as_tensor(self.arousal)),
+        }
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress of one long call: ``completed`` of ``total`` units (a unit = one sampler step of one keyframe
+    batch or one segment, or one decoded output frame). ``preview``: a finished keyframe, uint8 (H, W, 3)."""
+
+    stage: str
+    completed: int
+    total: int
+    detail: str
+    preview: np.ndarray | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class _Progress:
+    def __init__(self, total: int, callback: ProgressCallback | None):
+        self.total, self.completed, self.callback = total, 0, callback
+
+    def advance(self, units: int, stage: str, detail: str, preview: np.ndarray | None = None) -> None:
+        self.completed = min(self.completed + units, self.total)
+        if self.callback is not None:
+            self.callback(ProgressEvent(stage, self.completed, self.total, detail, preview))
+
+
+class TalkingHeadJob:
+    """One talking-head video: plans it, computes what is asked for, and streams the frames.
+
+    Args:
+        models: the loaded :class:`KeyFaceModels`.
+        conditioning: identity latent, audio features and emotion (:class:`Conditioning`).
+        settings: :class:`GenerationSettings`.
+        job_folder: where finished work is kept for resuming (see :mod:`keyface.jobs`); ``None``: a folder named
+            by the job's fingerprint under the KeyFace cache (``$KEYFACE_CACHE_DIR/jobs``), so that the same
+            inputs and settings resume wherever they are run from.
+        noise: a :class:`~keyface.noise.NoiseSource` for the schedule (default: seeded from the settings).
+        progress: called with a :class:`ProgressEvent` after every sampler step and output frame; it may raise
+            (e.g. :class:`~keyface.errors.Interrupted`) to stop the job, finished work stays in the job folder.
+        preview_keyframes: decode each finished keyframe batch for :attr:`ProgressEvent.preview`.
+    """
+
+    def __init__(
+        self,
+        models: KeyFaceModels,
+        conditioning: Conditioning,
+        settings: GenerationSettings = GenerationSettings(),
+        *,
+        job_folder: str | os.PathLike | None = None,
+        noise: NoiseSource | None = None,
+        progress: ProgressCallback | None = None,
+        preview_keyframes: bool = False,
+    ):
+        self.models = models
+        self.conditioning = conditioning
+        self.settings = settings
+        self.schedule: Schedule = plan_schedule(conditioning.num_frames, settings.schedule)
+        self.injected_noise = noise
+        self.noise = noise or SeededNoise(
+            self.schedule, models.latent_shape, settings.seed, settings.interpolation_seed
+        )
+        self.progress_callback = progress
+        self.preview_keyframes = preview_keyframes
+        digests = conditioning.digests()
+        noise_id = "seeded" if noise is None else _noise_digest(noise)
+        keyframe_job = {
+            "schedule": settings.schedule,
+            "frames": conditioning.num_frames,
+            "inputs": {key: digests[key] for key in ("identity", "keyframe_audio", "emotion")},
+            "settings": {key: getattr(settings, key) for key in ("num_steps", "audio_scale", "identity_scale", "seed")},
+            "model": models.files.get("keyframe", ""),
+            "noise": noise_id,
+        }
+        segment_job = {
+            "interpolation_audio": digests["interpolation_audio"],
+            "settings": {
+                "num_steps": settings.segment_steps,
+                "autoguidance_scale": settings.autoguidance_scale,
+                "seed": settings.seed if settings.interpolation_seed is None else settings.interpolation_seed,
+            },
+            "models": [models.files.get("interpolation", ""), models.files.get("autoguidance", "")],
+            "noise": noise_id,
+        }
+        self.folder = JobFolder(job_folder, keyframe_job, segment_job)
+        self._batches: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._segments: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._replaced: dict[int, torch.Tensor] = {}
+        self._progress = _Progress(0, None)
+
+    def with_settings(self, **changes) -> TalkingHeadJob:
+        """This job with some settings changed (e.g. stage 2's steps, guidance or seed), in the same folder.
+
+        Keyframes stay (also replaced ones) unless a keyframe setting changes; segments made with other
+        settings are recomputed.
+        """
+        job = TalkingHeadJob(
+            self.models,
+            self.conditioning,
+            dataclasses.replace(self.settings, **changes),
+            job_folder=self.folder.path,
+            noise=self.injected_noise,
+            progress=self.progress_callback,
+            preview_keyframes=self.preview_keyframes,
+        )
+        job._replaced = dict(self._replaced)
+        if job.folder.keyframe_fingerprint == self.folder.keyframe_fingerprint:
+            job._batches = self._batches.copy()
+        return job
+
+    # ----------------------------------------------------------------------------------------------- sizes
+
+    @property
+    def num_frames(self) -> int:
+        """Number of output frames (25 fps)."""
+        return self.schedule.n_output_frames
+
+    def keyframe_slots(self) -> list[tuple[int, int]]:
+        """``(frame, slot_id)`` of every keyframe of the video that lies inside it, in frame order."""
+        seen, slots = set(), []
+        for batch in self.schedule.batches:
+            for slot_id, slot in zip(batch.slot_ids, batch.slots):
+                if slot.role is SlotRole.KEYFRAME and slot.frame < self.num_frames and slot.frame not in seen:
+                    seen.add(slot.frame)
+                    slots.append((slot.frame, slot_id))
+        return sorted(slots)
+
+    # ------------------------------------------------------------------------------------------ stage 1
+
+    def keyframe_batch(self, batch: int) -> torch.Tensor:
+        """Keyframe latents ``(14, C, h, w)`` of keyframe batch ``batch`` (sampled, or read back)."""
+        if batch in self._batches:
+            self._batches.move_to_end(batch)
+            return self._batches[batch]
+        latents = self.folder.keyframes(batch)
+        steps = self.settings.steps_per_sample
+        if latents is None:
+            latents = self._sample_keyframe_batch(batch)
+            self.folder.save_keyframes(batch, latents)
+        else:
+            self._progress.advance(steps, "keyframes", f"keyframe batch {batch + 1} (resumed)")
+        self._remember(self._batches, batch, latents, _CACHED_BATCHES)
+        return latents
+
+    def _sample_keyframe_batch(self, batch: int) -> torch.Tensor:
+        slots = self.schedule.batches[batch].slots
+        audio_frames = torch.tensor([slot.audio_frame for slot in slots])
+        cond = self.conditioning
+        detail = f"keyframe batch {batch + 1}/{len(self.schedule.batches)}"
+
+        def step(done: int, total: int) -> None:
+            self._progress.advance(1, "keyframes", f"{detail}, step {done}/{total}")
+
+        latents = sample_keyframes(
+            self.models.keyframe,
+            cond.identity_latent,
+            _rows(cond.keyframe_audio, audio_frames)[None],
+            _rows(cond.valence, audio_frames)[None].float(),
+            _rows(cond.arousal, audio_frames)[None].float(),
+            self.noise.keyframes(batch),
+            num_steps=self.settings.num_steps,
+            audio_scale=self.settings.audio_scale,
+            identity_scale=self.settings.identity_scale,
+            callback=step,
+        ).cpu()
+        if self.preview_keyframes and self._progress.callback is not None:
+            first_keyframe = next(i for i, slot in enumerate(slots) if slot.role is SlotRole.KEYFRAME)
+            preview = to_uint8(self.decode_keyframes(latents[first_keyframe : first_keyframe + 1])[0])
+            self._progress.advance(0, "keyframes", f"{detail} done", preview)
+        return latents
+
+    def slot_latent(self, slot_id: int) -> torch.Tensor:
+        """Latent ``(C, h, w)`` of keyframe slot ``slot_id`` (a replaced keyframe if one was given)."""
+        if slot_id in self._replaced:
+            return self._replaced[slot_id]
+        batch, position = divmod(slot_id, self.schedule.frames_per_clip)
+        return self.keyframe_batch(batch)[position]
+
+    def replace_keyframe(self, frame: int, latent: torch.Tensor) -> None:
+        """Use ``latent`` ``(C, h, w)`` (e.g. an artist's edit, VAE-encoded) as the keyframe of ``frame``.
+
+        Every slot depicting ``frame`` is replaced; segments made from the old keyframe are recomputed.
+        """
+        slot_ids = [
+            slot_id
+            for batch in self.schedule.batches
+            for slot_id, slot in zip(batch.slot_ids, batch.slots)
+            if slot.frame == frame and slot.role is not SlotRole.IDENTITY
+        ]
+        if not slot_ids:
+            frames = [f for f, _ in self.keyframe_slots()]
+            raise InputError(f"frame {frame} is not a keyframe of this video; keyframes are at frames {frames[:8]}...")
+        if tuple(latent.shape) != self.models.latent_shape:
+            raise InputError(f"keyframe latent has shape {tuple(latent.shape)}; expected {self.models.latent_shape}")
+        for slot_id in slot_ids:
+            self._replaced[slot_id] = latent.float().cpu()
+        self._segments.clear()
+
+    def generate_keyframes(self) -> None:
+        """Run stage 1 for the whole video (every keyframe batch), reporting progress."""
+        self._progress = _Progress(len(self.schedule.batches) * self.settings.steps_per_sample, self.progress_callback)
+        for batch in range(len(self.schedule.batches)):
+            self.keyframe_batch(batch)
+
+    def decode_keyframes(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(n, 3, H, W)`` in [0, 1] of keyframe latents ``(n, C, h, w)`` (keyframe decoder if loaded)."""
+        from .models.vae import to_pixels
+
+        decoder = self.models.keyframe_decoder or self.models.decoder
+        with torch.inference_mode():
+            return to_pixels(decoder.decode(latents)).cpu()
+
+    # ------------------------------------------------------------------------------------------ stage 2
+
+    def segment(self, index: int) -> torch.Tensor:
+        """Latents ``(14, C, h, w)`` of segment ``index`` (interpolated, or read back)."""
+        if index in self._segments:
+            self._segments.move_to_end(index)
+            return self._segments[index]
+        self._interpolate_call(index)
+        return self._segments[index]
+
+    def interpolate(self) -> None:
+        """Run stages 1 and 2 for the whole video (everything but decoding), reporting progress."""
+        settings = self.settings
+        self._progress = _Progress(
+            len(self.schedule.batches) * settings.steps_per_sample
+            + len(self.schedule.segments) * settings.segment_steps_per_sample,
+            self.progress_callback,
+        )
+        for segment in self.schedule.segments:
+            self.segment(segment.index)
+
+    def _interpolate_call(self, index: int) -> None:
+        """Interpolate the call group of ``index``: consecutive segments of its chunk, at most
+        ``segments_per_call``, those already in the job folder read back instead."""
+        schedule, steps = self.schedule, self.settings.segment_steps_per_sample
+        chunk = schedule.chunks[schedule.segments[index].chunk]
+        per_call = self.settings.segments_per_call
+        first = chunk.segments.start + (index - chunk.segments.start) // per_call * per_call
+        group = range(first, min(first + per_call, chunk.segments.stop))
+        missing = []
+        for k in group:
+            segment = schedule.segments[k]
+            start, end = self.slot_latent(segment.start_slot), self.slot_latent(segment.end_slot)
+            digest = tensor_digest(start, end)
+            stored = self.folder.segment(k, digest)
+            if stored is None:
+                missing.append((k, start, end, digest))
+            else:
+                self._remember(self._segments, k, stored, _CACHED_SEGMENTS)
+                self._progress.advance(steps, "interpolation", f"segment {k + 1} (resumed)")
+        if not missing:
+            return
+        frames = schedule.frames_per_clip
+        chunk_noise = self.noise.segments(chunk.index)
+        offsets = [(k - chunk.segments.start) * frames for k, *_ in missing]
+        noise = torch.cat([chunk_noise[o : o + frames] for o in offsets])
+        audio_frames = torch.tensor([schedule.segments[k].audio_frames for k, *_ in missing])
+        detail = (
+            f"segments {missing[0][0] + 1}-{missing[-1][0] + 1}/{len(schedule.segments)} "
+            f"(chunk {chunk.index + 1}/{len(schedule.chunks)})"
+        )
+
+        def step(done: int, total: int) -> None:
+            self._progress.advance(len(missing), "interpolation", f"{detail}, step {done}/{total}")
+
+        latents = sample_segments(
+            self.models.interpolation,
+            self.models.autoguidance,
+            torch.stack([start for _, start, _, _ in missing]),
+            torch.stack([end for _, _, end, _ in missing]),
+            _rows(self.conditioning.interpolation_audio, audio_frames.flatten()).unflatten(0, audio_frames.shape),
+            noise,
+            num_steps=self.settings.segment_steps,
+            guidance_scale=self.settings.autoguidance_scale,
+            callback=step,
+        ).cpu()
+        for (k, _, _, digest), segment_latents in zip(missing, latents.split(frames)):
+            self.folder.save_segment(k, digest, segment_latents)
+            self._remember(self._segments, k, segment_latents, _CACHED_SEGMENTS)
+
+    # ------------------------------------------------------------------------------------------ frames
+
+    def frames(self, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Output frames ``start .. stop - 1`` in order, each ``(3, H, W)`` float32 in [0, 1].
+
+        Computes what those frames need. A frame shared by two segments is the mean of both in [0, 1].
+        """
+        stop = self.num_frames if stop is None else stop
+        if not 0 <= start <= stop <= self.num_frames:
+            raise InputError(f"frame range {start}..{stop} is outside the video's 0..{self.num_frames} frames")
+        needed = {source.segment for frame in self.schedule.output_frames(start, stop) for source in frame.sources}
+        settings = self.settings
+        self._progress = _Progress(
+            len(needed) * settings.segment_steps_per_sample
+            + self._batches_needed(needed) * settings.steps_per_sample
+            + (stop - start),
+            self.progress_callback,
+        )
+        return self._frames(start, stop)
+
+    def _batches_needed(self, segments: set[int]) -> int:
+        frames = self.schedule.frames_per_clip
+        batches = {slot // frames for k in segments for slot in (self.schedule.segments[k].start_slot,
+                                                                  self.schedule.segments[k].end_slot)}
+        return len(batches)
+
+    def _frames(self, start: int, stop: int) -> Iterator[torch.Tensor]:
+        block = []
+        for frame in self.schedule.output_frames(start, stop):
+            block.append(frame)
+            if len(block) == _DECODE_BLOCK:
+                yield from self._decode(block)
+                block = []
+        yield from self._decode(block)
+
+    def _decode(self, frames: list) -> Iterator[torch.Tensor]:
+        """Decode the segment frames behind output ``frames`` in one batch (each frame decoded alone)."""
+        from .models.vae import to_pixels
+
+        if not frames:
+            return
+        latents = torch.stack([self.segment(s.segment)[s.t] for frame in frames for s in frame.sources])
+        with torch.inference_mode():
+            pixels = to_pixels(self.models.decoder.decode(latents)).cpu()
+        first = 0
+        for frame in frames:
+            count = len(frame.sources)
+            self._progress.advance(1, "frames", f"frame {frame.index + 1}/{self.num_frames}")
+            yield pixels[first : first + count].mean(dim=0) if count > 1 else pixels[first]
+            first += count
+
+    def run(self, sink: FrameSink) -> int:
+        """Stream the whole video into ``sink`` (uint8 frames) and close it; returns the number of frames.
+
+        On an exception (including an interruption from the progress callback) the sink is aborted; finished
+        keyframes and segments stay in the job folder.
+        """
+        with sink:
+            for pixels in self.frames():
+                sink.write(to_uint8(pixels))
+        return self.num_frames
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _remember(cache: OrderedDict, key: int, value: torch.Tensor, capacity: int) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+
+
+def _rows(values, indices: torch.Tensor) -> torch.Tensor:
+    """``values[indices]`` as a float32 tensor; ``values`` may be a tensor, a numpy or a memory-mapped array."""
+    if isinstance(values, torch.Tensor):
+        return values[indices].float()
+    return torch.from_numpy(np.asarray(values[indices.numpy()], dtype=np.float32))
+
+
+def _array_digest(values) -> str:
+    return tensor_digest(values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values)))
+
+
+def _noise_digest(noise: NoiseSource) -> str:
+    return tensor_digest(*(noise.draw(i) for i in range(len(noise.draws))))
