@@ -7,7 +7,8 @@ JSON line per measurement, e.g. ``{"metric": "unet_forward_fullsize_bf16_batch3_
     python bench/unet_forward.py                      # CPU: fp32 and bf16 autocast, batch 1 and 3
     python bench/unet_forward.py --device cuda --precisions fp16 bf16 --batches 1 3 --repeats 3
 
-Building the network needs about 6 GB of memory for the float32 weights.
+Building the network needs about 6 GB of memory for the float32 weights. On CPUs without native bf16
+(no AVX512-BF16 / AMX) bf16 autocast convolutions are emulated and run about 100x slower than float32.
 """
 
 from __future__ import annotations

@@ -24,15 +24,6 @@ from keyface.sampling import (
 TOLERANCE = 1e-4  # fixture README: float32 outputs; sampler states use 1e-4 * max(1, sigma)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks: one thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stage_file(fixture_set: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(fixture_set / "stages" / f"{name}.safetensors")
 
