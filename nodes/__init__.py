@@ -1,0 +1,44 @@
+"""The KeyFace ComfyUI nodes: thin adapters from ComfyUI's node contract to the ``keyface`` library.
+
+Importing this package is cheap (no torch, no model files): the node modules import the library where
+they use it, and ComfyUI itself only through :mod:`.host`.
+"""
+
+from .audio import KeyFaceLoadAudio
+from .emotion import KeyFaceEmotionCurve
+from .face import KeyFaceCropFace, KeyFacePasteBack
+from .generate import KeyFaceKeyframeInterpolator, KeyFaceKeyframeSampler
+from .host import register_model_folders
+from .loader import KeyFaceModelLoader
+from .video import KeyFaceVideoCombine, KeyFaceVideoToImages
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KeyFaceModelLoader": "KeyFace Model Loader",
+    "KeyFaceLoadAudio": "KeyFace Load Audio",
+    "KeyFaceEmotionCurve": "KeyFace Emotion Curve",
+    "KeyFaceCropFace": "KeyFace Crop Face",
+    "KeyFaceKeyframeSampler": "KeyFace Keyframe Sampler",
+    "KeyFaceKeyframeInterpolator": "KeyFace Keyframe Interpolator",
+    "KeyFaceVideoCombine": "KeyFace Video Combine",
+    "KeyFaceVideoToImages": "KeyFace Video to Images",
+    "KeyFacePasteBack": "KeyFace Paste Back",
+}
+
+NODE_CLASS_MAPPINGS = {
+    node.__name__: node
+    for node in (
+        KeyFaceModelLoader,
+        KeyFaceLoadAudio,
+        KeyFaceEmotionCurve,
+        KeyFaceCropFace,
+        KeyFaceKeyframeSampler,
+        KeyFaceKeyframeInterpolator,
+        KeyFaceVideoCombine,
+        KeyFaceVideoToImages,
+        KeyFacePasteBack,
+    )
+}
+
+register_model_folders()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

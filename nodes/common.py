@@ -1,0 +1,116 @@
+"""Glue shared by the node modules: input checks, IMAGE <-> pixel conversions, progress reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from keyface.errors import InputError
+
+from . import host
+
+CATEGORY = "KeyFace"
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+
+def check_widgets(node_class, values: Mapping[str, Any]) -> None:
+    """Check widget values against the node's own INPUT_TYPES (numbers in range, combo choices), raising one
+    InputError naming the input. ComfyUI checks the same before queueing; this covers direct calls and
+    values its check skips."""
+    spec = node_class.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in spec.get(section, {}).items():
+            if name not in values or values[name] is None:
+                continue
+            options = rest[0] if rest else {}
+            value = values[name]
+            if kind in ("INT", "FLOAT"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise InputError(f"{name}: expected a finite number, got {value!r}")
+                if kind == "INT" and value != int(value):
+                    raise InputError(f"{name}: expected a whole number, got {value!r}")
+                low, high = options.get("min", -math.inf), options.get("max", math.inf)
+                if not low <= value <= high:
+                    raise InputError(f"{name}: {value} is outside the allowed range {low} .. {high}")
+            elif isinstance(kind, list) and value not in kind:
+                raise InputError(f"{name}: {value!r} is not one of {kind}")
+
+
+def single_image(image, name: str):
+    """One ComfyUI ``IMAGE`` (1, H, W, C) as uint8 RGB (H, W, 3); a missing input or a batch of several is refused."""
+    from keyface.identity import load_identity_image
+
+    if image is None:
+        raise InputError(f"{name}: no image is connected; connect a portrait (e.g. Load Image -> KeyFace Crop Face)")
+    if getattr(image, "ndim", 0) != 4:
+        raise InputError(
+            f"{name}: expected a ComfyUI IMAGE (batch, height, width, channels), got {type(image).__name__}"
+        )
+    if image.shape[0] != 1:
+        raise InputError(
+            f"{name}: got a batch of {image.shape[0]} images; KeyFace animates one portrait. Pick one with "
+            "'Image From Batch' (batch_index) before this node"
+        )
+    return load_identity_image(image, name=name)
+
+
+def images_from_pixels(pixels):
+    """Float frames (n, 3, H, W) in [0, 1] -> ComfyUI ``IMAGE`` (n, H, W, 3) float32 on the CPU."""
+    return pixels.detach().to("cpu").float().permute(0, 2, 3, 1).contiguous()
+
+
+def image_to_uint8(image):
+    """One ``IMAGE`` frame (H, W, 3) float in [0, 1] -> uint8 numpy (rounded)."""
+    import torch
+
+    return image.detach().to("cpu").float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()
+
+
+def uint8_to_image(frame):
+    """uint8 numpy (H, W, 3) -> one ``IMAGE`` frame (H, W, 3) float32 in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(frame).float().div(255.0)
+
+
+# --------------------------------------------------------------------------------------------------- progress
+
+
+class NodeProgress:
+    """The running node's ComfyUI progress bar, fed by KeyFace progress events or plain counts.
+
+    Every update also checks for Cancel: ComfyUI's progress hook raises its interruption exception, which
+    stops the library's loops (finished keyframes and segments stay in the job folder).
+    """
+
+    def __init__(self, total: int = 1):
+        self.bar = host.progress_bar(max(total, 1))
+
+    def update(self, completed: int, total: int, preview=None) -> None:
+        self.bar.update_absolute(completed, max(total, 1), preview)
+        host.check_interrupted()
+
+    def on_event(self, event) -> None:
+        """A :class:`keyface.pipeline.ProgressEvent`; a finished keyframe's picture is shown on the node."""
+        preview = None
+        if event.preview is not None:
+            from PIL import Image
+
+            preview = ("JPEG", Image.fromarray(event.preview), host.preview_max_size())
+        self.update(event.completed, event.total, preview)
+
+
+@contextlib.contextmanager
+def reporting(job, progress: NodeProgress) -> Iterator[None]:
+    """Send ``job``'s progress events to this node's bar while the block runs (the job may be a cached
+    output of an earlier node, whose bar it would otherwise keep using)."""
+    previous = job.progress_callback
+    job.progress_callback = progress.on_event
+    try:
+        yield
+    finally:
+        job.progress_callback = previous

@@ -1,0 +1,84 @@
+"""KeyFace Emotion Curve: valence and arousal over the clip, from a name, a timed list or curve JSON.
+
+The web extension (``web/js/keyface_emotion_curve.js``) edits the ``emotion`` text visually; the node reads the
+text alone, so it works (and validates) without the extension.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from keyface.errors import InputError
+
+from .common import CATEGORY, check_widgets
+from .handles import EMOTION
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DURATION = 10.0  # seconds; the editor's time axis when no audio length is connected (web widget default)
+MAX_DURATION = 24 * 3600.0
+
+
+def parse_emotion_input(text) -> object:
+    """The :class:`~keyface.emotion.EmotionCurve` of the ``emotion`` widget text (InputError naming ``emotion``)."""
+    from keyface.emotion import parse_emotion
+
+    if not isinstance(text, str):
+        raise InputError(f"emotion: expected text, got {type(text).__name__}")
+    try:
+        return parse_emotion(text)
+    except InputError as error:
+        message = str(error)
+        raise InputError(message if message.startswith("emotion") else f"emotion: {message}") from None
+
+
+class KeyFaceEmotionCurve:
+    DESCRIPTION = (
+        "The emotion of the talking head over time, as valence (unpleasant..pleasant) and arousal (calm..excited) "
+        "in [-1, 1]. Type an emotion name ('happy'), a timed list ('neutral at 0 s, happy at 4 s, sad at 12.5 s') "
+        "or edit the curve with the graph below the text. The values hold before the first and after the last "
+        "point."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (EMOTION,)
+    RETURN_NAMES = ("emotion",)
+    OUTPUT_TOOLTIPS = ("The emotion curve, for the Keyframe Sampler's emotion input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from keyface.emotion import EMOTIONS
+
+        return {
+            "required": {
+                "emotion": ("STRING", {
+                    "default": "neutral",
+                    "multiline": True,
+                    "tooltip": "An emotion name (" + ", ".join(sorted(EMOTIONS)) + "), a timed list such as "
+                    "'neutral at 0 s, happy at 4 s', or the curve JSON the editor writes "
+                    '({"format": "keyface-emotion-v1", "valence": [[t, v], ...], "arousal": [[t, a], ...]}).',
+                }),
+                "duration": ("FLOAT", {
+                    "default": DEFAULT_DURATION, "min": 0.1, "max": MAX_DURATION, "step": 0.1,
+                    "tooltip": "Length of the clip in seconds: the time axis of the curve editor (connect Load "
+                    "Audio's duration). The curve itself is in seconds and does not depend on it.",
+                }),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, emotion):
+        try:
+            parse_emotion_input(emotion)
+        except InputError as error:
+            return str(error)
+        return True
+
+    def build(self, emotion, duration=DEFAULT_DURATION):
+        check_widgets(type(self), {"duration": duration})
+        curve = parse_emotion_input(emotion)
+        last = max(curve.valence[-1][0], curve.arousal[-1][0])
+        if last > duration:
+            logger.warning("KeyFace emotion: the curve has points up to %.2f s, after the clip's %.2f s", last,
+                           duration)
+        return (curve,)

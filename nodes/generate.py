@@ -1,0 +1,279 @@
+"""KeyFace Keyframe Sampler (stage 1) and KeyFace Keyframe Interpolator (stage 2).
+
+Both run a :class:`keyface.pipeline.TalkingHeadJob` whose finished keyframe batches and segments live in a job
+folder under the KeyFace cache (``$KEYFACE_CACHE_DIR/jobs/<fingerprint>``, size-capped), so a cancelled run
+resumes where it stopped and nothing large is held in RAM. Between the two nodes an artist may edit keyframes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from keyface.errors import InputError
+from keyface.schedule import FRAMES_PER_SECOND
+
+from .common import (
+    CATEGORY,
+    NodeProgress,
+    check_widgets,
+    images_from_pixels,
+    reporting,
+    single_image,
+)
+from .handles import (
+    AUDIO_FEATURES,
+    EMOTION,
+    KEYFRAMES,
+    MODEL,
+    VIDEO,
+    KeyframesHandle,
+    VideoHandle,
+)
+
+logger = logging.getLogger(__name__)
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+# Keyframe IMAGE output: at most this many bytes of float32 pixels (ComfyUI keeps node outputs in RAM); larger
+# batches are made smaller (10 minutes of video = 1154 keyframes -> about 272 px).
+KEYFRAME_IMAGES_BUDGET = 1024**3
+# Keyframes decoded per VAE call for the IMAGE output.
+DECODE_BLOCK = 16
+# An edited keyframe differs from the sampler's somewhere by more than this (in [0, 1] units): above 8-bit
+# rounding (a PNG save and reload of an unedited keyframe stays below), below any visible retouch.
+EDIT_TOLERANCE = 1.5 / 255
+SEGMENTS_PER_CALL_MAX = 64
+
+
+def _seed_input(tooltip: str):
+    from keyface.noise import DEFAULT_SEED
+
+    return ("INT", {"default": DEFAULT_SEED, "min": 0, "max": SEED_MAX, "tooltip": tooltip})
+
+
+def _steps_input(tooltip: str):
+    from keyface.sampling import DEFAULT_NUM_STEPS
+
+    return ("INT", {"default": DEFAULT_NUM_STEPS, "min": DEFAULT_NUM_STEPS, "max": MAX_STEPS, "tooltip": tooltip})
+
+
+def _scale_input(default: float, tooltip: str):
+    return ("FLOAT", {"default": default, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1, "tooltip": tooltip})
+
+
+def identity_square(image):
+    """The portrait as a square uint8 crop: one image; a non-square one is centre-cropped with a warning."""
+    from keyface.identity import square_crop
+
+    picture = single_image(image, "image")
+    height, width = picture.shape[:2]
+    if height == width:
+        return picture
+    logger.warning(
+        "KeyFace: image: the portrait is %dx%d, not square; using its centre square (connect KeyFace Crop Face "
+        "to choose the face)", width, height
+    )
+    return square_crop(picture, None, min(width, height))[0]
+
+
+class KeyFaceKeyframeSampler:
+    DESCRIPTION = (
+        "Stage 1: generates the keyframes of the whole video (one every 13 frames, about two per second) from "
+        "the portrait, the audio features and the emotion curve. Shows each keyframe batch as it finishes and "
+        "outputs the decoded keyframes as an image batch, to inspect or edit before the Keyframe Interpolator. "
+        "Finished work is kept on disk: after Cancel the next run resumes."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = (KEYFRAMES, "IMAGE")
+    RETURN_NAMES = ("keyframes", "keyframe_images")
+    OUTPUT_TOOLTIPS = (
+        "The generated keyframes (kept in the job folder): connect to the Keyframe Interpolator.",
+        "Every keyframe decoded, in frame order (keyframe i is video frame 13 x i with the aligned schedule).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from keyface.sampling import KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
+        from keyface.schedule import ALIGNED, SCHEDULE_MODES
+
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The KeyFace models from the Model Loader."}),
+                "image": ("IMAGE", {"tooltip": "The portrait: one square face crop (KeyFace Crop Face). A "
+                          "non-square image is centre-cropped; a batch of several is refused."}),
+                "audio": (AUDIO_FEATURES, {"tooltip": "Audio features from KeyFace Load Audio; they set the "
+                          "video's length (25 frames per second)."}),
+                "seed": _seed_input("Random seed of the keyframes (and of the in-between frames, unless the "
+                                    "Interpolator is given another seed)."),
+                "steps": _steps_input("Sampler steps per keyframe batch (10 = the original's 11-level schedule)."),
+                "audio_scale": _scale_input(KEYFRAME_AUDIO_SCALE, "Audio guidance: how strongly the mouth and "
+                                            "expression follow the speech."),
+                "identity_scale": _scale_input(KEYFRAME_IDENTITY_SCALE, "Identity guidance: how strongly the face "
+                                               "keeps the portrait's look."),
+                "schedule": (list(SCHEDULE_MODES), {"default": ALIGNED, "tooltip": "aligned: every frame gets "
+                             "its own audio (recommended); reference: the original code's frame arithmetic, quirks "
+                             "and 45-second limit included, for comparison with its results."}),
+                "keyframe_image_size": ("INT", {
+                    "default": 512, "min": 0, "max": 4096, "step": 8,
+                    "tooltip": "Longest side of the keyframe_images output (capped at the model resolution; "
+                    "long videos get smaller images so the batch stays under 1 GiB). 0 skips decoding the "
+                    "keyframes (one black placeholder image): faster for long videos.",
+                }),
+            },
+            "optional": {
+                "emotion": (EMOTION, {"tooltip": "Emotion over time from KeyFace Emotion Curve; neutral when "
+                            "not connected."}),
+            },
+        }
+
+    def sample(self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size,
+               emotion=None):
+        from keyface.emotion import parse_emotion
+        from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+        from keyface.schedule import REFERENCE
+
+        check_widgets(type(self), locals())
+        if audio is None:
+            raise InputError("audio: connect the features output of KeyFace Load Audio")
+        face = identity_square(image)
+        settings = GenerationSettings(num_steps=steps, audio_scale=audio_scale, identity_scale=identity_scale,
+                                      seed=seed, schedule=schedule)
+        curve = emotion if emotion is not None else parse_emotion("neutral")
+        features = audio.features_for("reference" if schedule == REFERENCE else "default")
+        progress = NodeProgress()
+        with model.on_device() as models:
+            valence, arousal = curve.per_frame(features.num_frames)
+            conditioning = Conditioning(
+                models.encode_image(face), features.keyframe, features.interpolation, valence, arousal
+            )
+            job = TalkingHeadJob(models, conditioning, settings, progress=progress.on_event, preview_keyframes=True)
+            job.generate_keyframes()
+            frames = [frame for frame, _ in job.keyframe_slots()]
+            images = decode_keyframe_images(job, keyframe_image_size, progress)
+        logger.info("KeyFace: %d keyframes at frames %s (job folder %s)", len(frames), frames[:6], job.folder.path)
+        handle = KeyframesHandle(job, model, audio, frames, images if keyframe_image_size else None)
+        return (handle, images)
+
+
+def decode_keyframe_images(job, size: int, progress: NodeProgress):
+    """Every keyframe of ``job`` decoded, in frame order, as an ``IMAGE`` (n, s, s, 3); one black 64 px image
+    when ``size`` is 0."""
+    import torch
+
+    slots = job.keyframe_slots()
+    if size == 0:
+        return torch.zeros((1, 64, 64, 3))
+    side = min(size, job.models.image_size)
+    affordable = int((KEYFRAME_IMAGES_BUDGET / (len(slots) * 3 * 4)) ** 0.5) // 8 * 8
+    if affordable < side:
+        logger.warning("KeyFace: %d keyframes; keyframe images made %d px wide to stay under 1 GiB", len(slots),
+                       affordable)
+        side = max(affordable, 8)
+    images = torch.empty((len(slots), side, side, 3))
+    for first in range(0, len(slots), DECODE_BLOCK):
+        block = slots[first : first + DECODE_BLOCK]
+        pixels = job.decode_keyframes(torch.stack([job.slot_latent(slot_id) for _, slot_id in block]))
+        if pixels.shape[-1] != side:
+            pixels = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True,
+                                                     align_corners=False).clamp(0.0, 1.0)
+        images[first : first + len(block)] = images_from_pixels(pixels)
+        progress.update(first + len(block), len(slots))
+    return images
+
+
+class KeyFaceKeyframeInterpolator:
+    DESCRIPTION = (
+        "Stage 2: fills in the 12 frames between each pair of keyframes, following the audio. Optional edited "
+        "keyframe images (the sampler's keyframe_images after your edits, same count and order) replace the "
+        "keyframes that differ, so the motion follows a retouch. Outputs a video handle that decodes frames on "
+        "demand (never the whole video in RAM): connect to Video Combine or Video to Images."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "interpolate"
+    RETURN_TYPES = (VIDEO,)
+    RETURN_NAMES = ("video",)
+    OUTPUT_TOOLTIPS = ("The finished video (25 fps), streamed frame by frame to Video Combine or Video to Images.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from keyface.pipeline import DEFAULT_SEGMENTS_PER_CALL
+        from keyface.sampling import AUTOGUIDANCE_SCALE
+
+        return {
+            "required": {
+                "keyframes": (KEYFRAMES, {"tooltip": "The keyframes from the Keyframe Sampler."}),
+                "seed": _seed_input("Random seed of the in-between frames. The sampler's seed keeps the original "
+                                    "single noise stream (the CLI's result); another value re-rolls only these "
+                                    "frames, keeping the keyframes."),
+                "steps": _steps_input("Sampler steps per group of segments (10 = the original's schedule)."),
+                "autoguidance_scale": _scale_input(AUTOGUIDANCE_SCALE, "Autoguidance strength (the 'bad' network "
+                                                   "steers away from blur); 1 = plain sampling. Ignored when the "
+                                                   "loader's autoguidance is 'none'."),
+                "segments_per_call": ("INT", {
+                    "default": DEFAULT_SEGMENTS_PER_CALL, "min": 1, "max": SEGMENTS_PER_CALL_MAX,
+                    "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
+                    "large GPU and needs more memory. Does not change the result.",
+                }),
+            },
+            "optional": {
+                "edited_keyframes": ("IMAGE", {"tooltip": "The sampler's keyframe_images with some keyframes "
+                                     "edited (same count and order). Keyframes that differ replace the generated "
+                                     "ones; leave unconnected to use the keyframes as generated."}),
+            },
+        }
+
+    def interpolate(self, keyframes, seed, steps, autoguidance_scale, segments_per_call, edited_keyframes=None):
+        check_widgets(type(self), locals())
+        if keyframes is None:
+            raise InputError("keyframes: connect the keyframes output of KeyFace Keyframe Sampler")
+        sampled = keyframes.job
+        job = sampled.with_settings(
+            interpolation_steps=steps,
+            autoguidance_scale=autoguidance_scale,
+            segments_per_call=segments_per_call,
+            interpolation_seed=None if seed == sampled.settings.seed else seed,
+        )
+        progress = NodeProgress()
+        with keyframes.bundle.on_device() as models:
+            if edited_keyframes is not None:
+                apply_edits(job, models, keyframes, edited_keyframes)
+            with reporting(job, progress):
+                job.interpolate()
+        return (VideoHandle(job, keyframes.bundle, keyframes.audio.clip, fps=FRAMES_PER_SECOND),)
+
+
+def apply_edits(job, models, keyframes: KeyframesHandle, edited) -> list[int]:
+    """Replace the keyframes whose image in ``edited`` differs from the sampler's; returns their frames."""
+    import torch
+
+    original = keyframes.images
+    if original is None:
+        raise InputError(
+            "edited_keyframes: the Keyframe Sampler did not output keyframe images (keyframe_image_size is 0); "
+            "set it above 0 to edit keyframes"
+        )
+    if getattr(edited, "ndim", 0) != 4 or edited.shape[-1] != 3:
+        raise InputError("edited_keyframes: expected a ComfyUI IMAGE batch (count, height, width, 3)")
+    if len(edited) != len(original):
+        raise InputError(
+            f"edited_keyframes: got {len(edited)} images; the sampler made {len(original)} keyframes. Give back "
+            "the whole keyframe_images batch, in order, with your edits"
+        )
+    if edited.shape[1] != edited.shape[2]:
+        raise InputError(f"edited_keyframes: images must be square like the keyframes, got {edited.shape[2]}x"
+                         f"{edited.shape[1]}")
+    compared = edited.float()
+    if compared.shape[1:3] != original.shape[1:3]:
+        compared = torch.nn.functional.interpolate(compared.permute(0, 3, 1, 2), size=original.shape[1:3],
+                                                   mode="bilinear", antialias=True, align_corners=False)
+        compared = compared.permute(0, 2, 3, 1)
+    changed = ((compared - original).abs().amax(dim=(1, 2, 3)) > EDIT_TOLERANCE).nonzero().flatten().tolist()
+    for index in changed:
+        if edited.shape[1] < models.image_size:
+            logger.warning("KeyFace: edited keyframe %d is %d px; enlarged to the model's %d px", index,
+                           edited.shape[1], models.image_size)
+        job.replace_keyframe(keyframes.frames[index], models.encode_image(edited[index].float())[0])
+    logger.info("KeyFace: %d edited keyframe(s) at frames %s", len(changed), [keyframes.frames[i] for i in changed])
+    return [keyframes.frames[i] for i in changed]

@@ -1,0 +1,263 @@
+"""The one place that talks to ComfyUI: folders, progress and Cancel, devices and memory, output paths, upscaling.
+
+Inside ComfyUI each function uses ComfyUI's own modules (``folder_paths``, ``comfy.utils``,
+``comfy.model_management``, ``comfy_extras.nodes_upscale_model``), imported on first use. Without ComfyUI (tests,
+scripts) they fall back to plain behaviour: folders from :func:`configure` or the environment variables
+``KEYFACE_MODELS_DIR`` / ``KEYFACE_INPUT_DIR`` / ``KEYFACE_OUTPUT_DIR`` (default ``models/keyface``, ``input`` and
+``output`` under the working folder), a silent progress bar, no Cancel, no offloading.
+
+Model folders registered with ComfyUI (so ``extra_model_paths.yaml`` entries work too)::
+
+    keyface:        models/keyface/         stage checkpoints, vae/ (SVD VAE, diffusers layout)
+    keyface_audio:  models/keyface/audio/   WavLM, BEATs, wav2vec2 (audio encoders)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from keyface.errors import InputError
+
+MODELS_FOLDER = "keyface"
+AUDIO_MODELS_FOLDER = "keyface_audio"
+# Extensions listed for the stage checkpoints (keyface.loading.ENGINE_SUFFIXES) and the audio encoders.
+MODEL_EXTENSIONS = {".safetensors", ".pt", ".ckpt"}
+# Input files offered by KeyFace Load Audio: what PyAV decodes (audio, or a video's audio track).
+MEDIA_EXTENSIONS = {
+    ".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma", ".aiff", ".aif",
+    ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v",
+}
+DEFAULT_PREVIEW_SIZE = 512  # ComfyUI's --preview-size default
+_ENV = {"models": "KEYFACE_MODELS_DIR", "input": "KEYFACE_INPUT_DIR", "output": "KEYFACE_OUTPUT_DIR"}
+_DEFAULT_FOLDERS = {"models": Path("models") / "keyface", "input": Path("input"), "output": Path("output")}
+_configured: dict[str, Path] = {}
+
+
+@functools.cache
+def _comfy(module: str):
+    """ComfyUI's module ``module``, or None outside ComfyUI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def in_comfyui() -> bool:
+    return _comfy("folder_paths") is not None
+
+
+def configure(**folders: str | os.PathLike | None) -> None:
+    """Set the fallback folders used outside ComfyUI: ``models=``, ``input=``, ``output=`` (None: unset)."""
+    for kind, path in folders.items():
+        if kind not in _ENV:
+            raise InputError(f"configure: unknown folder kind {kind!r}; use {sorted(_ENV)}")
+        if path is None:
+            _configured.pop(kind, None)
+        else:
+            _configured[kind] = Path(path).expanduser().absolute()
+
+
+def _fallback(kind: str) -> Path:
+    if kind in _configured:
+        return _configured[kind]
+    configured = os.environ.get(_ENV[kind])
+    return Path(configured).expanduser().absolute() if configured else _DEFAULT_FOLDERS[kind].absolute()
+
+
+# ----------------------------------------------------------------------------------------------------- folders
+
+
+def register_model_folders() -> None:
+    """Register ``keyface`` and ``keyface_audio`` with ComfyUI's folder_paths (keeping paths from
+    extra_model_paths.yaml, which ComfyUI reads before loading custom nodes)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return
+    default = Path(folder_paths.models_dir) / MODELS_FOLDER
+    for name, path in ((MODELS_FOLDER, default), (AUDIO_MODELS_FOLDER, default / "audio")):
+        paths, extensions = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        if str(path) not in paths:
+            paths.append(str(path))
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | MODEL_EXTENSIONS)
+
+
+def model_roots() -> list[Path]:
+    """The KeyFace models folders, in search order."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return [_fallback("models")]
+    return [Path(p) for p in folder_paths.get_folder_paths(MODELS_FOLDER)]
+
+
+def audio_model_roots() -> list[Path]:
+    """Where audio encoders are looked for: the ``keyface_audio`` folders, then ``audio/`` inside and next to
+    each KeyFace models folder (the official release keeps the encoders beside keyframe.pt)."""
+    folder_paths = _comfy("folder_paths")
+    roots = [Path(p) for p in folder_paths.get_folder_paths(AUDIO_MODELS_FOLDER)] if folder_paths else []
+    for root in model_roots():
+        roots += [root / "audio", root]
+    return list(dict.fromkeys(roots))
+
+
+def input_dir() -> Path:
+    folder_paths = _comfy("folder_paths")
+    return Path(folder_paths.get_input_directory()) if folder_paths else _fallback("input")
+
+
+def output_dir() -> Path:
+    folder_paths = _comfy("folder_paths")
+    return Path(folder_paths.get_output_directory()) if folder_paths else _fallback("output")
+
+
+def input_media_files() -> list[str]:
+    """Audio and video files in the input folder (top level), sorted."""
+    folder = input_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
+
+
+def input_path(name: str) -> Path:
+    """The file an input-folder widget value names (ComfyUI's ``name [output]`` annotations are understood)."""
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_annotated_filepath(name))
+    return input_dir() / name
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+_PREFIX_VARIABLE = re.compile(r"%width%|%height%")  # what the fallback substitutes (ComfyUI does more)
+
+
+def check_filename_prefix(prefix: str) -> None:
+    """Refuse a filename prefix that would leave the output folder (absolute, ``..``) or is empty."""
+    text = str(prefix).strip().replace("\\", "/")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if not parts or text.endswith("/"):
+        raise InputError(f"filename_prefix: {prefix!r} names no file; give e.g. 'video/KeyFace'")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or ".." in parts:
+        raise InputError(
+            f"filename_prefix: {prefix!r} points outside ComfyUI's output folder; give a relative name such as "
+            "'video/KeyFace' (sub-folders are created inside the output folder)"
+        )
+
+
+def save_path(prefix: str, width: int, height: int, extension: str) -> tuple[Path, str]:
+    """A new, numbered output file for ``prefix``: ``(path, subfolder)``, always inside the output folder."""
+    check_filename_prefix(prefix)
+    root = output_dir()
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        try:
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, str(root), width, height)
+        except Exception as error:  # ComfyUI raises a plain Exception for paths outside the output folder
+            raise InputError(f"filename_prefix: {prefix!r} cannot be used: {error}") from error
+        folder = Path(folder)
+    else:
+        values = {"%width%": str(width), "%height%": str(height)}
+        relative = PurePosixPath(_PREFIX_VARIABLE.sub(lambda m: values[m.group(0)], prefix.replace("\\", "/")))
+        subfolder = "" if str(relative.parent) == "." else str(relative.parent)
+        name = relative.name
+        folder = root / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        taken = [re.match(rf"{re.escape(name)}_(\d+)_", p.name) for p in folder.iterdir()]
+        counter = max((int(m.group(1)) for m in taken if m), default=0) + 1
+    path = folder / f"{name}_{counter:05}_{extension}"
+    # symbolic links inside the output folder must not lead out of it either
+    resolved, base = path.parent.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise InputError(f"filename_prefix: {prefix!r} resolves to {resolved}, outside the output folder {base}")
+    return path, subfolder
+
+
+def metadata_enabled() -> bool:
+    """False when ComfyUI runs with --disable-metadata."""
+    cli_args = _comfy("comfy.cli_args")
+    return cli_args is None or not cli_args.args.disable_metadata
+
+
+# ------------------------------------------------------------------------------------------ progress and cancel
+
+
+class _SilentProgressBar:
+    """Stand-in for ``comfy.utils.ProgressBar`` outside ComfyUI."""
+
+    def __init__(self, total: int):
+        self.total, self.current = total, 0
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        if total is not None:
+            self.total = total
+        self.current = min(value, self.total)
+
+
+def progress_bar(total: int):
+    """ComfyUI's progress bar of the running node (its hook raises on Cancel), or a silent stand-in."""
+    utils = _comfy("comfy.utils")
+    return utils.ProgressBar(total) if utils is not None else _SilentProgressBar(total)
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interruption exception when the user pressed Cancel (no-op outside ComfyUI)."""
+    management = _comfy("comfy.model_management")
+    if management is not None:
+        management.throw_exception_if_processing_interrupted()
+
+
+def preview_max_size() -> int:
+    cli_args = _comfy("comfy.cli_args")
+    return getattr(cli_args.args, "preview_size", DEFAULT_PREVIEW_SIZE) if cli_args else DEFAULT_PREVIEW_SIZE
+
+
+# ------------------------------------------------------------------------------------------- devices and memory
+
+
+def torch_device(choice: str):
+    """``auto``: ComfyUI's device (honours --cpu, --directml, ...) or the best available; or ``cpu`` / ``cuda``."""
+    from keyface.loading import resolve_device
+
+    management = _comfy("comfy.model_management")
+    if choice == "auto" and management is not None:
+        return management.get_torch_device()
+    return resolve_device(choice)
+
+
+def offload_device(device):
+    """Where KeyFace's networks wait between nodes: ComfyUI's offload device (the CPU unless --highvram) for a
+    GPU; the device itself on the CPU or outside ComfyUI."""
+    management = _comfy("comfy.model_management")
+    if management is None or device.type == "cpu":
+        return device
+    return management.unet_offload_device()
+
+
+def free_memory(required_bytes: int, device) -> None:
+    """Ask ComfyUI to unload its own models until ``required_bytes`` (plus its inference reserve) are free."""
+    management = _comfy("comfy.model_management")
+    if management is not None and device.type != "cpu":
+        management.free_memory(required_bytes + management.minimum_inference_memory(), device)
+
+
+def empty_cache() -> None:
+    management = _comfy("comfy.model_management")
+    if management is not None:
+        management.soft_empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------- upscaling
+
+
+def upscale_image(upscale_model, image):
+    """Run an ``UPSCALE_MODEL`` on an ``IMAGE`` (batch, height, width, 3) through ComfyUI's own
+    ImageUpscaleWithModel node (tiling, device handling, out-of-memory retries). Outside ComfyUI the model is
+    called directly on (batch, 3, height, width) and the result clamped to [0, 1]."""
+    upscale_nodes = _comfy("comfy_extras.nodes_upscale_model")
+    if upscale_nodes is not None:
+        return upscale_nodes.ImageUpscaleWithModel.execute(upscale_model=upscale_model, image=image)[0]
+    return upscale_model(image.movedim(-1, -3)).movedim(-3, -1).clamp(0.0, 1.0)

@@ -1,0 +1,255 @@
+"""KeyFace Model Loader: the weight files chosen from ComfyUI's model folders -> ``KEYFACE_MODEL``.
+
+Folder layout (see :mod:`keyface.loading`; ComfyUI folder names in :mod:`.host`)::
+
+    models/keyface/keyframe.safetensors | .pt | .ckpt        stage 1
+    models/keyface/interpolation.safetensors | .pt | .ckpt   stage 2
+    models/keyface/interpolation_bad.safetensors | ...       stage 2 autoguidance network (optional)
+    models/keyface/vae/                                      SVD VAE (diffusers folder), turns images into latents
+    models/keyface/audio/                                    WavLM-Base+.pt, BEATs_...pt, wav2vec2-base-960h/
+
+Nothing is downloaded: a missing file is reported with the folders searched and where to get it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path, PurePosixPath
+
+from keyface.errors import InputError, MissingWeightsError
+
+from . import host
+from .common import CATEGORY, check_widgets
+from .handles import MODEL, ModelBundle
+
+logger = logging.getLogger(__name__)
+
+NO_AUTOGUIDANCE = "none"
+DEVICES = ("auto", "cpu", "cuda")
+# Sub-folders of the models folder that hold the VAE and the audio encoders, not stage checkpoints.
+RESERVED_FOLDERS = ("audio", "vae")
+DEFAULT_VAE = "vae"
+AUDIO_ROLES = ("wavlm", "beats", "wav2vec2")
+# Loaded models kept across executions (one set: the networks are large), keyed by file identities + dtype.
+_loaded: dict[tuple, object] = {}
+
+
+# ------------------------------------------------------------------------------------------------ file lists
+
+
+def _relative(root: Path, path: Path) -> str:
+    return PurePosixPath(path.relative_to(root)).as_posix()
+
+
+def stage_files() -> list[str]:
+    """Stage checkpoints anywhere under the models folders (``audio/`` and ``vae/`` excepted)."""
+    from keyface.loading import ENGINE_SUFFIXES
+
+    found = set()
+    for root in host.model_roots():
+        for folder, subfolders, files in os.walk(root, followlinks=True):
+            if Path(folder) == root:
+                subfolders[:] = [name for name in subfolders if name not in RESERVED_FOLDERS]
+            found.update(_relative(root, Path(folder) / name) for name in files if name.endswith(ENGINE_SUFFIXES))
+    return sorted(found)
+
+
+def default_stage_file(role: str, files: list[str]) -> str:
+    """The release name of ``role``'s checkpoint, the first extension present (safetensors preferred)."""
+    from keyface.loading import ENGINE_SUFFIXES, STAGE_FILE_STEMS
+
+    names = [STAGE_FILE_STEMS[role] + suffix for suffix in ENGINE_SUFFIXES]
+    return next((name for name in names if name in files), names[0])
+
+
+def vae_choices() -> list[str]:
+    """Folders under the models folders that hold a diffusers VAE (``vae`` in the release layout)."""
+    from keyface.checkpoints import VAE_WEIGHT_NAMES
+
+    found = {DEFAULT_VAE}
+    for root in host.model_roots():
+        for folder, _, files in os.walk(root, followlinks=True):
+            if any(name in files for name in VAE_WEIGHT_NAMES) and Path(folder) != root:
+                found.add(_relative(root, Path(folder)))
+    return sorted(found)
+
+
+def _audio_defaults() -> dict[str, str]:
+    from keyface.audio.weights import BEATS_FILE, WAV2VEC2_FOLDER, WAVLM_FILE
+
+    return {"wavlm": WAVLM_FILE, "beats": BEATS_FILE, "wav2vec2": WAV2VEC2_FOLDER}
+
+
+def audio_choices(role: str) -> list[str]:
+    """Files and folders in the audio-encoder folders whose name mentions ``role``, plus the release name."""
+    found = {_audio_defaults()[role]}
+    for root in host.audio_model_roots():
+        if root.is_dir():
+            found.update(
+                entry.name
+                for entry in root.iterdir()
+                if role in entry.name.lower() and (entry.is_dir() or entry.suffix in host.MODEL_EXTENSIONS)
+            )
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+
+
+def _source(kind: str) -> str:
+    from keyface.audio.weights import BEATS_ORIGIN, WAV2VEC2_ORIGIN, WAVLM_ORIGIN
+    from keyface.checkpoints import KEYFACE_WEIGHTS_SOURCE, VAE_WEIGHTS_SOURCE
+
+    return {
+        "stage": f"Download it from {KEYFACE_WEIGHTS_SOURCE} (`python -m keyface convert` turns a .pt into the "
+        "recommended .safetensors)",
+        "vae": f"Download the folder from {VAE_WEIGHTS_SOURCE}",
+        "wavlm": WAVLM_ORIGIN,
+        "beats": BEATS_ORIGIN,
+        "wav2vec2": WAV2VEC2_ORIGIN,
+    }[kind]
+
+
+def resolve_model_file(input_name: str, name: str) -> Path:
+    """The file or folder a model combo names, searched in the folders of its kind (never outside them)."""
+    kind = input_name if input_name in AUDIO_ROLES else ("vae" if input_name == "vae" else "stage")
+    relative = PurePosixPath(str(name).replace("\\", "/"))
+    if not str(name).strip() or relative.is_absolute() or ".." in relative.parts:
+        raise InputError(f"{input_name}: {name!r} is not a file name inside the KeyFace models folder")
+    roots = host.audio_model_roots() if kind in AUDIO_ROLES else host.model_roots()
+    for root in roots:
+        if (root / relative).exists():
+            return root / relative
+    searched = ", ".join(str(root) for root in roots)
+    siblings = sorted({p.name for root in roots for p in (root / relative).parent.glob(f"{relative.stem}.*")})
+    if siblings:  # e.g. a shared workflow names keyframe.safetensors, the official download is keyframe.pt
+        raise MissingWeightsError(
+            f"{input_name}: {name} was not found (searched {searched}), but {', '.join(siblings)} is there: "
+            f"choose it in the {input_name} list"
+        )
+    raise MissingWeightsError(
+        f"{input_name}: {name} was not found (searched {searched}). {_source(kind)}; put it into {roots[0]}."
+    )
+
+
+def missing_model_files(names: dict[str, str]) -> list[str]:
+    """One message per model combo (input name -> chosen name) whose file is missing."""
+    problems = []
+    for input_name, name in names.items():
+        if input_name == "autoguidance" and name == NO_AUTOGUIDANCE:
+            continue
+        try:
+            resolve_model_file(input_name, name)
+        except (InputError, MissingWeightsError) as error:
+            problems.append(str(error))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------- the node
+
+
+class KeyFaceModelLoader:
+    DESCRIPTION = (
+        "Loads the KeyFace networks (keyframe stage, interpolation stage, optional autoguidance network), the SVD "
+        "VAE and the three audio encoders from ComfyUI's models/keyface folder. Loaded models are kept between "
+        "runs; changing only the device moves them instead of reading the files again."
+    )
+    CATEGORY = f"{CATEGORY}/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded KeyFace models: connect to Load Audio and Keyframe Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from keyface.loading import ENGINE_SUFFIXES, PRECISIONS, STAGE_FILE_STEMS
+
+        files = stage_files()
+        defaults = {role: default_stage_file(role, files) for role in STAGE_FILE_STEMS}
+        # The release names (.safetensors, as the example workflows store them) are listed even when missing, so
+        # shared workflows pass ComfyUI's list check and the loader says which file is missing and where to get it.
+        release_names = {stem + ENGINE_SUFFIXES[0] for stem in STAGE_FILE_STEMS.values()}
+        choices = sorted({*files, *defaults.values(), *release_names})
+
+        def stage(role: str, tooltip: str):
+            return (choices, {"default": defaults[role], "tooltip": tooltip})
+
+        audio = {
+            role: (audio_choices(role), {"default": _audio_defaults()[role], "tooltip": tooltip})
+            for role, tooltip in (
+                ("wavlm", "WavLM Base+ speech encoder (keyframe-stage audio features), from models/keyface/audio."),
+                ("beats", "BEATs audio encoder (both stages), from models/keyface/audio."),
+                ("wav2vec2", "wav2vec2-base-960h folder (stage 2 audio features), from models/keyface/audio."),
+            )
+        }
+        return {
+            "required": {
+                "keyframe": stage("keyframe", "Stage 1 checkpoint (keyframe.pt or its .safetensors conversion)."),
+                "interpolation": stage("interpolation", "Stage 2 checkpoint (interpolation.pt / .safetensors); its VAE "
+                                       "decoder makes the output frames."),
+                "autoguidance": (
+                    [NO_AUTOGUIDANCE, *choices],
+                    {
+                        "default": defaults["autoguidance"],
+                        "tooltip": "Stage 2 autoguidance ('bad') network, interpolation_bad.pt. 'none' runs the "
+                        "interpolation without autoguidance (faster, less sharp).",
+                    },
+                ),
+                "vae": (vae_choices(), {"default": DEFAULT_VAE, "tooltip": "Folder of the SVD VAE (diffusers layout: "
+                        "config.json + diffusion_pytorch_model.safetensors); it turns the portrait and edited "
+                        "keyframes into latents."}),
+                **audio,
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the networks run. auto: ComfyUI's "
+                           "device (the GPU unless ComfyUI was started with --cpu)."}),
+                "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Network precision. auto: bf16 on GPUs "
+                              "that support it, else fp16; fp32 on the CPU. The VAE always runs in fp32."}),
+            }
+        }
+
+    def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto",
+             precision="auto"):
+        from keyface.audio.features import AudioFeatureExtractor
+        from keyface.loading import resolve_dtype
+
+        check_widgets(type(self), {"device": device, "precision": precision})
+        names = {"keyframe": keyframe, "interpolation": interpolation, "autoguidance": autoguidance, "vae": vae,
+                 "wavlm": wavlm, "beats": beats, "wav2vec2": wav2vec2}
+        problems = missing_model_files(names)
+        if problems:
+            raise MissingWeightsError("\n".join(problems))
+        paths = {
+            "keyframe": resolve_model_file("keyframe", keyframe),
+            "interpolation": resolve_model_file("interpolation", interpolation),
+            "autoguidance": (
+                None if autoguidance == NO_AUTOGUIDANCE else resolve_model_file("autoguidance", autoguidance)
+            ),
+            "vae": resolve_model_file("vae", vae),
+        }
+        audio = {role: resolve_model_file(role, name) for role, name in
+                 (("wavlm", wavlm), ("beats", beats), ("wav2vec2", wav2vec2))}
+        torch_device = host.torch_device(device)
+        dtype = resolve_dtype(precision, torch_device)
+        resting = host.offload_device(torch_device)
+        models = _load_networks(paths, audio["wavlm"].parent, resting, dtype)
+        extractor = AudioFeatureExtractor(**audio, device=torch_device)
+        bundle = ModelBundle(models, extractor, torch_device, resting, dtype)
+        bundle.move_to(resting)  # cached models may wait on another device
+        return (bundle,)
+
+
+def _load_networks(paths: dict, audio_folder: Path, device, dtype):
+    """The KeyFaceModels of ``paths``: from the cache when the same files and dtype were loaded before (on
+    whatever device they were left), else read from disk onto ``device`` (replacing the cached set)."""
+    from keyface.loading import ModelFiles, file_identity, load_models
+
+    key = (tuple((role, None if path is None else file_identity(path)) for role, path in paths.items()), str(dtype))
+    models = _loaded.get(key)
+    if models is None:
+        _loaded.clear()
+        if device.type != "cpu":
+            host.free_memory(sum(p.stat().st_size for p in paths.values() if p is not None and p.is_file()), device)
+        logger.info("KeyFace: loading %s on %s (%s)", ", ".join(p.name for p in paths.values() if p), device, dtype)
+        models = load_models(ModelFiles(audio=audio_folder, **paths), device, dtype)
+        _loaded[key] = models
+    return models

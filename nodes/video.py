@@ -1,0 +1,210 @@
+"""KeyFace Video Combine (frames -> mp4 in ComfyUI's output folder, streamed) and KeyFace Video to Images."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+
+from keyface.errors import InputError
+from keyface.schedule import FRAMES_PER_SECOND
+
+from . import host
+from .common import (
+    CATEGORY,
+    NodeProgress,
+    check_widgets,
+    image_to_uint8,
+    images_from_pixels,
+    reporting,
+    uint8_to_image,
+)
+from .handles import CROP, VIDEO
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "video/KeyFace"
+MAX_FPS = 240.0
+
+
+def _frames_of_video(video, progress: NodeProgress, start: int = 0, stop: int | None = None) -> Iterator:
+    """Float frames (3, H, W) of a KEYFACE_VIDEO, decoded on demand, reported on ``progress``."""
+    with reporting(video.job, progress):
+        yield from video.job.frames(start, stop)
+
+
+def _check_video(video) -> None:
+    if video is None:
+        raise InputError("video: connect the video output of KeyFace Keyframe Interpolator")
+
+
+class KeyFaceVideoCombine:
+    DESCRIPTION = (
+        "Writes the video to an mp4 (H.264 + AAC) in ComfyUI's output folder while it is decoded, frame by frame, "
+        "so even hours of video never sit in memory. Takes a KeyFace video or any IMAGE batch; optionally "
+        "upscales each frame with an upscale model and pastes the face back into the full portrait. The "
+        "workflow is stored in the file: drag it onto ComfyUI to get the graph back."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "combine"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from keyface.video import DEFAULT_CRF
+
+        return {
+            "required": {
+                "fps": ("FLOAT", {"default": float(FRAMES_PER_SECOND), "min": 1.0, "max": MAX_FPS, "step": 0.01,
+                        "tooltip": "Frame rate for an IMAGE batch. A KeyFace video is always 25 fps (the models' "
+                        "rate); another value is refused there."}),
+                "crf": ("INT", {"default": DEFAULT_CRF, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is "
+                        "better and larger (18 looks lossless, 23 is ffmpeg's default, 0 is lossless)."}),
+                "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX, "tooltip": "Name of the file inside "
+                                    "ComfyUI's output folder; sub-folders allowed ('video/KeyFace' -> "
+                                    "output/video/KeyFace_00001_.mp4). Paths leaving the output folder are refused."}),
+            },
+            "optional": {
+                "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator (streamed)."}),
+                "images": ("IMAGE", {"tooltip": "Or any IMAGE batch (frames), written at fps."}),
+                "audio": ("AUDIO", {"tooltip": "Sound track. Default: the KeyFace video's own audio; none for an "
+                          "IMAGE batch. Cut or padded with silence to the video's length."}),
+                "upscale_model": ("UPSCALE_MODEL", {"tooltip": "Optional upscale model (Load Upscale Model) run on "
+                                  "every frame while writing, before paste-back."}),
+                "crop": (CROP, {"tooltip": "Crop info from KeyFace Crop Face: paste each frame back into the full "
+                         "original picture while writing."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        try:
+            host.check_filename_prefix(filename_prefix)
+        except InputError as error:
+            return str(error)
+        return True
+
+    def combine(self, fps, crf, filename_prefix, video=None, images=None, audio=None, upscale_model=None, crop=None,
+                prompt=None, extra_pnginfo=None):
+        from keyface.generate import check_frame_rate
+        from keyface.video import AudioTrack, MapSink, Mp4Writer, to_uint8
+
+        check_widgets(type(self), {"fps": fps, "crf": crf})
+        if (video is None) == (images is None):
+            raise InputError("video / images: connect exactly one of them (a KeyFace video or an IMAGE batch)")
+        if images is not None and (getattr(images, "ndim", 0) != 4 or images.shape[0] == 0):
+            raise InputError("images: expected a non-empty ComfyUI IMAGE batch (frames, height, width, 3)")
+        if video is not None:
+            try:
+                check_frame_rate(fps)
+            except InputError as error:
+                raise InputError(f"fps: {error}") from None
+            total, size = video.num_frames, (video.size, video.size)
+        else:
+            total, size = len(images), tuple(images.shape[1:3])
+        track = None
+        if audio is not None:
+            track = AudioTrack.muxable(*_comfy_waveform(audio))
+        elif video is not None:
+            track = AudioTrack.muxable(video.clip.waveform, video.clip.sample_rate)
+        path, subfolder = host.save_path(filename_prefix, size[1], size[0], ".mp4")
+        metadata = _workflow_metadata(prompt, extra_pnginfo)
+        writer = Mp4Writer(path, fps=fps, audio=track, crf=crf, metadata=metadata)
+        sink = writer
+        if crop is not None:
+            sink = MapSink(crop.paste_back(), sink)
+        if upscale_model is not None:
+            sink = MapSink(_Upscaler(upscale_model), sink)
+        progress = NodeProgress(total)
+        models = video.bundle.on_device() if video is not None else contextlib.nullcontext()
+        with models, sink:
+            if video is not None:
+                for pixels in _frames_of_video(video, progress):
+                    sink.write(to_uint8(pixels))
+            else:
+                for index, frame in enumerate(images):
+                    sink.write(image_to_uint8(frame))
+                    progress.update(index + 1, total)
+        logger.info("KeyFace: wrote %s (%d frames)", path, writer.frames_written)
+        result = {"filename": path.name, "subfolder": subfolder, "type": "output"}
+        return {"ui": {"images": [result], "animated": (True,)}}
+
+
+class _Upscaler:
+    """Per-frame transform: uint8 frame -> the UPSCALE_MODEL's output (ComfyUI's ImageUpscaleWithModel)."""
+
+    def __init__(self, upscale_model):
+        self.upscale_model = upscale_model
+
+    def __call__(self, frame):
+        upscaled = host.upscale_image(self.upscale_model, uint8_to_image(frame)[None])
+        return image_to_uint8(upscaled[0])
+
+
+def _comfy_waveform(audio) -> tuple:
+    """``(waveform (channels, samples), sample_rate)`` of a ComfyUI AUDIO (its first clip)."""
+    try:
+        waveform, sample_rate = audio["waveform"], audio["sample_rate"]
+    except (TypeError, KeyError):
+        raise InputError("audio: expected a ComfyUI AUDIO (waveform and sample_rate)") from None
+    if getattr(waveform, "ndim", 0) != 3 or waveform.shape[0] < 1 or waveform.shape[-1] < 1:
+        raise InputError("audio: the AUDIO holds no samples (waveform must be batch x channels x samples)")
+    return waveform[0].detach().to("cpu").float(), int(sample_rate)
+
+
+def _workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
+    """ComfyUI's convention: ``prompt`` and each extra_pnginfo entry (``workflow``) as JSON text."""
+    if not host.metadata_enabled():
+        return {}
+    metadata = {key: json.dumps(value) for key, value in (extra_pnginfo or {}).items()}
+    if prompt is not None:
+        metadata["prompt"] = json.dumps(prompt)
+    return metadata
+
+
+class KeyFaceVideoToImages:
+    DESCRIPTION = (
+        "Decodes a range of a KeyFace video into an IMAGE batch (and the matching audio), so any image node can "
+        "follow: face restorers, upscalers, core Create Video / Save Video. Mind the memory: 1 minute at 512 px "
+        "is about 4.7 GB of frames; take the video in ranges or use Video Combine for long videos."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "to_images"
+    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
+    RETURN_NAMES = ("images", "audio", "fps")
+    OUTPUT_TOOLTIPS = (
+        "Frames start .. start + count - 1, float RGB.",
+        "The audio of those frames.",
+        "The frame rate (25).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator."}),
+                "start": ("INT", {"default": 0, "min": 0, "max": 10**8, "tooltip": "First frame (25 per second)."}),
+                "count": ("INT", {"default": 0, "min": 0, "max": 10**8,
+                          "tooltip": "Number of frames; 0 = to the end."}),
+            }
+        }
+
+    def to_images(self, video, start=0, count=0):
+        import torch
+
+        check_widgets(type(self), {"start": start, "count": count})
+        _check_video(video)
+        if start >= video.num_frames:
+            raise InputError(f"start: frame {start} is past the video's end ({video.num_frames} frames)")
+        stop = video.num_frames if count == 0 else min(start + count, video.num_frames)
+        progress = NodeProgress(stop - start)
+        with video.bundle.on_device():
+            frames = torch.stack(list(_frames_of_video(video, progress, start, stop)))
+        clip = video.clip
+        first, last = (round(frame * clip.sample_rate / video.fps) for frame in (start, stop))
+        waveform = clip.waveform[:, first:last]
+        audio = {"waveform": waveform[None].contiguous(), "sample_rate": clip.sample_rate}
+        return (images_from_pixels(frames), audio, float(video.fps))
