@@ -2,7 +2,7 @@
 # Installs everything the project and its tests need into ./.venv (idempotent; safe to re-run).
 #   - torch 2.14.1 + torchaudio 2.11.0 (served from the local mirror here; on other machines pip may
 #     download the CUDA build: set KEYFACE_TORCH_SPEC to choose another pair, e.g. "torch torchaudio"),
-#   - this package in editable mode with its test extra,
+#   - this package in editable mode with its test and face-detection extras,
 #   - for the browser test of the web widget: Debian's chromium and playwright-core from npm
 #     (skipped with a warning when apt-get or npm is unavailable; that test then skips).
 set -euo pipefail
@@ -17,7 +17,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $TORCH_SPEC
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,face]"
 
 if [ -f tests/web/package.json ]; then
     if ! command -v chromium >/dev/null 2>&1; then

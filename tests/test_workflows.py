@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +291,7 @@ def execute(prompt: dict, workflow: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def comfy_folders(tmp_path_factory, media_dir_or_none):
+def comfy_folders(tmp_path_factory, portrait_path):
     """Input folder with the files the examples name (short speech, a portrait) and an output folder."""
     root = tmp_path_factory.mktemp("workflows")
     folders = {name: root / name for name in ("input", "output")}
@@ -300,23 +299,8 @@ def comfy_folders(tmp_path_factory, media_dir_or_none):
         folder.mkdir()
     for name in ("speech.wav", "speech_long.wav"):
         write_speech(folders["input"] / name, SPEECH_SECONDS)
-    portrait = media_dir_or_none / "portrait_astronaut.png" if media_dir_or_none else None
-    if portrait is not None and portrait.is_file():
-        (folders["input"] / "portrait.png").write_bytes(portrait.read_bytes())
-    else:
-        from PIL import Image
-
-        rows, columns = np.mgrid[0:96, 0:128]
-        gradient = np.stack([rows / 96, columns / 128, (rows + columns) / 224], axis=-1)
-        Image.fromarray((gradient * 255).astype(np.uint8)).save(folders["input"] / "portrait.png")
+    (folders["input"] / "portrait.png").write_bytes(portrait_path.read_bytes())
     return folders
-
-
-@pytest.fixture(scope="module")
-def media_dir_or_none():
-    """The shared test media (a real portrait), or None: the examples then run on a generated picture."""
-    root = Path(os.environ.get("KEYFACE_MEDIA", PACK_ROOT.parent / "shared" / "media"))
-    return root if root.is_dir() else None
 
 
 def detector_available() -> bool:
@@ -324,15 +308,15 @@ def detector_available() -> bool:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_runs_on_tiny_weights(name, fixture_set, comfy_folders, media_dir_or_none):
+def test_api_workflow_runs_on_tiny_weights(name, fixture_set, comfy_folders):
     from keyface.video import probe_media
 
     host.configure(models=models_folder(fixture_set), **comfy_folders)
     try:
         prompt = load_api(name)
         for entry in prompt.values():
-            if entry["class_type"] == "KeyFaceCropFace" and not (detector_available() and media_dir_or_none):
-                entry["inputs"]["mode"] = "center"  # no face detector or no real face to find here
+            if entry["class_type"] == "KeyFaceCropFace" and not detector_available():
+                entry["inputs"]["mode"] = "center"  # the optional face detector is not installed
             if entry["class_type"] == "KeyFaceModelLoader":
                 entry["inputs"]["device"] = "cpu"
         results = execute(prompt, load_ui(name))
