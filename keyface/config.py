@@ -126,13 +126,12 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    """The SVD temporal VAE decoder (diffusers ``TemporalDecoder``) stored in each engine checkpoint (spec §4)."""
+class _VAEPartConfig:
+    """Sizes shared by the SVD VAE's encoder and decoder."""
 
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
-    out_channels: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(int(w) for w in self.block_out_channels))
@@ -144,21 +143,17 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class DecoderConfig(_VAEPartConfig):
+    """The SVD temporal VAE decoder (diffusers ``TemporalDecoder``) stored in each engine checkpoint (spec §4)."""
+
+    out_channels: int = 3
+
+
+@dataclass(frozen=True)
+class EncoderConfig(_VAEPartConfig):
     """The SVD VAE image encoder used offline for the identity latent (diffusers ``Encoder`` + ``quant_conv``)."""
 
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 4
     in_channels: int = 3
-
-    def __post_init__(self):
-        object.__setattr__(self, "block_out_channels", tuple(int(w) for w in self.block_out_channels))
-
-    @property
-    def downsample_factor(self) -> int:
-        """Pixels per latent cell along each axis (8 for the SVD VAE)."""
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from parity import assert_close, stage_file, stage_models
 
 from keyface.checkpoints import (
-    load_autoguidance_network,
     load_frame_decoder,
     load_identity_encoder,
-    load_interpolation_model,
     load_keyframe_model,
 )
 from keyface.config import StageConfig, UNetConfig
@@ -24,32 +21,9 @@ from keyface.models.stages import VScalings
 from keyface.models.unet import RESBLOCK_GROUPNORM_EPS, KeyFaceUNet
 from keyface.models.vae import preprocess_image, to_pixels
 
-TOLERANCE = 1e-4  # fixture README: float32 outputs, max abs difference
-
-
-def stage_file(fixture_set: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(fixture_set / "stages" / f"{name}.safetensors")
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANCE):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    error = (actual.float() - expected.float()).abs().max().item()
-    print(f"{name}: max abs error {error:.2e}")
-    assert error <= tolerance, f"{name}: max abs error {error:.2e} > {tolerance:.0e}"
-
-
-@functools.cache
-def stage_models(fixture_set: Path):
-    checkpoints = fixture_set / "checkpoints"
-    return (
-        load_keyframe_model(checkpoints / "keyframe.pt"),
-        load_interpolation_model(checkpoints / "interpolation.pt"),
-        load_autoguidance_network(checkpoints / "interpolation_bad.pt"),
-    )
-
 
 def keyframe_conditioning(fixture_set: Path):
-    keyframe = stage_models(fixture_set)[0]
+    keyframe = stage_models(fixture_set, ".pt")[0]
     inputs = stage_file(fixture_set, "kf_conditioner")
     return keyframe.condition(
         inputs["in_cond_frames"], inputs["in_audio_emb"], inputs["in_valence"], inputs["in_arousal"]
@@ -57,7 +31,7 @@ def keyframe_conditioning(fixture_set: Path):
 
 
 def interpolation_conditioning(fixture_set: Path):
-    interpolation = stage_models(fixture_set)[1]
+    interpolation = stage_models(fixture_set, ".pt")[1]
     inputs = stage_file(fixture_set, "it_conditioner")
     pairs = inputs["in_cond_frames"]
     return interpolation.condition(pairs[:, :, 0], pairs[:, :, 1], inputs["in_audio_emb"])
@@ -161,7 +135,7 @@ def test_interpolation_frames_layout():
 
 
 def test_keyframe_unet_forward_matches_fixture(fixture_set):
-    keyframe = stage_models(fixture_set)[0]
+    keyframe = stage_models(fixture_set, ".pt")[0]
     data = stage_file(fixture_set, "kf_unet_forward")
     labels = []
     hook = keyframe.unet.add_embedding.register_forward_pre_hook(lambda _, args: labels.append(args[0]))
@@ -175,7 +149,7 @@ def test_keyframe_unet_forward_matches_fixture(fixture_set):
 
 
 def test_interpolation_unet_forward_matches_fixture(fixture_set):
-    _, interpolation, bad = stage_models(fixture_set)
+    _, interpolation, bad = stage_models(fixture_set, ".pt")
     data = stage_file(fixture_set, "it_unet_forward")
     segments = data["context"].shape[0]
     with torch.no_grad():
@@ -186,7 +160,7 @@ def test_interpolation_unet_forward_matches_fixture(fixture_set):
 
 
 def test_unet_requires_emotion_exactly_when_it_has_an_emotion_input(fixture_set):
-    keyframe, interpolation, _ = stage_models(fixture_set)
+    keyframe, interpolation, _ = stage_models(fixture_set, ".pt")
     data = stage_file(fixture_set, "kf_unet_forward")
     with pytest.raises(InputError, match="emotion_embedding"):
         keyframe.unet(data["x"][None], data["timesteps"], data["context"])
@@ -201,7 +175,7 @@ def assert_scalings(prefix: str, data: dict[str, torch.Tensor]):
 
 
 def test_keyframe_denoiser_matches_fixture(fixture_set):
-    keyframe = stage_models(fixture_set)[0]
+    keyframe = stage_models(fixture_set, ".pt")[0]
     data = stage_file(fixture_set, "kf_denoiser")
     assert_scalings("kf", data)
     with torch.no_grad():
@@ -210,7 +184,7 @@ def test_keyframe_denoiser_matches_fixture(fixture_set):
 
 
 def test_interpolation_denoisers_match_fixture(fixture_set):
-    _, interpolation, bad = stage_models(fixture_set)
+    _, interpolation, bad = stage_models(fixture_set, ".pt")
     data = stage_file(fixture_set, "it_denoiser")
     assert_scalings("it", data)
     cond = interpolation_conditioning(fixture_set)
@@ -220,7 +194,7 @@ def test_interpolation_denoisers_match_fixture(fixture_set):
 
 
 def test_half_precision_weights_give_float32_close_to_fp32(fixture_set):
-    keyframe = stage_models(fixture_set)[0]
+    keyframe = stage_models(fixture_set, ".pt")[0]
     half = load_keyframe_model(fixture_set / "checkpoints" / "keyframe.safetensors", dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16
     data = stage_file(fixture_set, "kf_denoiser")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from parity import TOLERANCE, assert_close, stage_file, stage_models
 
-from keyface.checkpoints import load_autoguidance_network, load_interpolation_model, load_keyframe_model
 from keyface.errors import InputError, Interrupted
 from keyface.sampling import (
     AYS_BASE_SIGMAS,
@@ -20,33 +18,6 @@ from keyface.sampling import (
     sample_keyframes,
     sample_segments,
 )
-
-TOLERANCE = 1e-4  # fixture README: float32 outputs; sampler states use 1e-4 * max(1, sigma)
-
-
-def stage_file(fixture_set: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(fixture_set / "stages" / f"{name}.safetensors")
-
-
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    return (actual.float() - expected.float()).abs().max().item()
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANCE):
-    error = max_error(actual, expected)
-    print(f"{name}: max abs error {error:.2e}")
-    assert error <= tolerance, f"{name}: max abs error {error:.2e} > {tolerance:.0e}"
-
-
-@functools.cache
-def stage_models(fixture_set: Path):
-    checkpoints = fixture_set / "checkpoints"
-    return (
-        load_keyframe_model(checkpoints / "keyframe.safetensors"),
-        load_interpolation_model(checkpoints / "interpolation.safetensors"),
-        load_autoguidance_network(checkpoints / "interpolation_bad.safetensors"),
-    )
 
 
 def keyframe_inputs(fixture_set: Path) -> tuple[torch.Tensor, ...]:
