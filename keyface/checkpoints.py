@@ -5,12 +5,16 @@ Accepted engine checkpoints (keyframe, interpolation, interpolation_bad):
 * ``.pt`` — DeepSpeed/Lightning model states ``{'module': {'_forward_module.' + key: tensor}, ...}``; other
   top-level entries are ignored;
 * ``.ckpt`` — ``{'state_dict': {...}}``; ``.bin`` — a flat state dict;
-* ``.safetensors`` — flat, original key names (our :func:`convert_checkpoint` output too, which also stores the
-  stage config in the metadata).
+* ``.safetensors`` — flat, original key names (what :func:`convert_checkpoint` and :func:`save_stage_checkpoint`
+  write too, with the stage config in the metadata).
 
 Pickle files are read with ``torch.load(..., weights_only=True)`` only. A file that the safe loader refuses
-must be converted once with ``python -m keyface convert <in.pt> <out.safetensors>`` (:func:`convert_checkpoint`),
-the only place that may fall back to a full unpickle, with a warning, because the user asked for it.
+must be converted once with ``python -m keyface convert <in.pt> <out.safetensors>`` (:func:`convert_any`, which
+also converts the unilm WavLM / BEATs files), the only place that may fall back to a full unpickle, with a
+warning, because the user asked for it.
+
+Writing goes the other way with the same mapping: :func:`official_key_names` inverts it by pushing candidate
+original names through it and checking the result is a bijection, so the two directions cannot drift apart.
 
 Weights are cast to the requested dtype on load (the fixture files are float16: upcast to float32). The
 configuration comes from the tensor shapes; the attention head width, which shapes cannot tell, comes from
@@ -43,6 +47,7 @@ from .config import (
     EncoderConfig,
     StageConfig,
     StageKind,
+    UNetConfig,
 )
 from .errors import CheckpointError, InputError, MissingWeightsError
 
@@ -209,6 +214,151 @@ def decoder_key(key: str, num_levels: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Key mapping back: our module names -> original names (for writing checkpoints)
+# --------------------------------------------------------------------------------------------------------------
+
+# The audio projection's conditioner slot in each stage's original engine (spec §7).
+AUDIO_PROJECTION_EMBEDDER = {"keyframe": 3, "interpolation": 1}
+# Leaf appended to an original module prefix to push it through the forward map.
+_PROBE_LEAF = "weight"
+
+
+def _unet_original_prefixes(config: UNetConfig) -> list[str]:
+    """Original ``VideoUNet`` module prefixes (block + first inner layer) of a UNet of these sizes.
+
+    Only names a network of this layout has are generated: an upsampler is slot 2 after an attention, else 1.
+    """
+    levels, res_blocks = len(config.block_out_channels), config.layers_per_block
+    per_level = res_blocks + 1
+    resblock = ["time_mixer."] + [f"{half}{layer}." for half in ("", "time_stack.") for layer in _RESBLOCK_LAYERS]
+    attention = ["", "time_stack.", "time_pos_embed.0.", "time_pos_embed.2."]
+    blocks: list[tuple[str, list[str]]] = [(prefix, [""]) for prefix in _TOP_LEVEL]
+    for index in range(1, levels * per_level):
+        level, layer = divmod(index - 1, per_level)
+        if layer == res_blocks:
+            blocks.append((f"input_blocks.{index}.0.", ["op."]))
+            continue
+        blocks.append((f"input_blocks.{index}.0.", resblock))
+        if config.attention_per_level[level]:
+            blocks.append((f"input_blocks.{index}.1.", attention))
+    blocks += [("middle_block.0.", resblock), ("middle_block.1.", attention), ("middle_block.2.", resblock)]
+    for index in range(levels * per_level):
+        level, layer = divmod(index, per_level)
+        attended = config.attention_per_level[levels - 1 - level]
+        blocks.append((f"output_blocks.{index}.0.", resblock))
+        if attended:
+            blocks.append((f"output_blocks.{index}.1.", attention))
+        if layer == res_blocks and level < levels - 1:
+            blocks.append((f"output_blocks.{index}.{1 + attended}.", ["conv."]))
+    return [block + inner for block, inners in blocks for inner in inners]
+
+
+def _decoder_original_prefixes(config: DecoderConfig) -> list[str]:
+    """Original ``VideoDecoder`` module prefixes (and leaf names) of a decoder of these sizes."""
+    resblock = [layer if layer == "mix_factor" else layer + "." for layer in _DECODER_RESBLOCK_LAYERS]
+    blocks: list[tuple[str, list[str]]] = [(prefix, [""]) for prefix in _DECODER_TOP_LEVEL]
+    blocks += [(f"mid.block_{index}.", resblock) for index in (1, 2)]
+    blocks += [(f"mid.attn_1.{layer}.", [""]) for layer in _DECODER_ATTENTION]
+    for level in range(len(config.block_out_channels)):
+        blocks += [(f"up.{level}.block.{block}.", resblock) for block in range(config.layers_per_block + 1)]
+        blocks.append((f"up.{level}.upsample.", ["conv."]))
+    return [DECODER_PREFIX + block + inner for block, inners in blocks for inner in inners]
+
+
+def _inverse_names(keys: list[str], original_prefixes: list[str], forward, what: str) -> dict[str, str]:
+    """The original name of each of ``keys`` (our module names), found with the forward map ``forward`` itself.
+
+    Each original prefix (ending in ``.``; other entries are whole names) is pushed through ``forward`` to learn
+    its counterpart; a key takes the original of its longest counterpart prefix. The result is checked: the
+    forward map takes every original back to its key, and no two keys share an original. A failure is a bug in
+    the mapping (never a user error), raised as RuntimeError.
+    """
+    counterparts: dict[str, str] = {}
+    for original in original_prefixes:
+        is_prefix = original.endswith(".")
+        try:
+            mapped = forward(original + _PROBE_LEAF if is_prefix else original)
+        except KeyError:
+            continue
+        if mapped is None or (is_prefix and not mapped.endswith("." + _PROBE_LEAF)):
+            continue
+        ours = mapped[: -len(_PROBE_LEAF)] if is_prefix else mapped
+        if counterparts.setdefault(ours, original) != original:
+            raise RuntimeError(f"{what}: {counterparts[ours]} and {original} both map to {ours}")
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        candidates = [key] + [".".join(parts[:n]) + "." for n in range(len(parts) - 1, 0, -1)]
+        prefix = next((c for c in candidates if c in counterparts and (c == key or c.endswith("."))), None)
+        original = None if prefix is None else counterparts[prefix] + key[len(prefix) :]
+        try:
+            ok = original is not None and forward(original) == key
+        except KeyError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"{what}: no original name maps to {key} (best guess {original})")
+        names[key] = original
+    if len(set(names.values())) != len(names):
+        raise RuntimeError(f"{what}: several of our tensors map to the same original name")
+    return names
+
+
+def official_key_names(model, decoder=None) -> dict[str, str]:
+    """Original engine key (spec §7) of every tensor of a stage module and, optionally, a VAE frame decoder.
+
+    Args:
+        model: a :class:`~keyface.models.stages.KeyframeModel`, ``InterpolationModel`` or ``InterpolationNetwork``.
+        decoder: a :class:`~keyface.models.vae.FrameDecoder` (its keys start with ``decoder.``) or ``None``.
+    Returns:
+        ``{our state-dict key: original key}``; the inverse of the loaders' mapping, checked against it.
+    """
+    config: StageConfig = model.config
+    embedder = AUDIO_PROJECTION_EMBEDDER[config.kind]
+    stage_prefixes = [UNET_PREFIX + prefix for prefix in _unet_original_prefixes(config.unet)]
+    stage_prefixes += [LEARNED_MASK_KEY, f"conditioner.embedders.{embedder}.linear."]
+    names = _inverse_names(
+        list(model.state_dict()),
+        stage_prefixes,
+        lambda key: _stage_target(key, config.unet.layers_per_block),
+        type(model).__name__,
+    )
+    if decoder is not None:
+        levels = len(decoder.config.block_out_channels)
+
+        def forward(key: str) -> str:
+            if not key.startswith(DECODER_PREFIX):
+                raise KeyError(key)
+            return "decoder." + decoder_key(key[len(DECODER_PREFIX) :], levels)
+
+        names.update(
+            _inverse_names(
+                list(decoder.state_dict()), _decoder_original_prefixes(decoder.config), forward, "FrameDecoder"
+            )
+        )
+    return names
+
+
+def official_state_dict(model, decoder=None) -> dict[str, torch.Tensor]:
+    """The tensors of a stage module (+ VAE frame decoder) under their original engine names (on their device).
+
+    What the loaders read back: ``model.diffusion_model.*``, ``model.learned_mask``,
+    ``conditioner.embedders.{3|1}.linear.*``, ``first_stage_model.decoder.*``. The decoder's attention
+    projections, Linear layers in diffusers, become the original's 1x1 convolutions again (the original decoder
+    has no Linear layer).
+    """
+    tensors = dict(model.state_dict())
+    if decoder is not None:
+        tensors.update(decoder.state_dict())
+    state = {}
+    for ours, original in official_key_names(model, decoder).items():
+        tensor = tensors[ours].detach()
+        if original.startswith(DECODER_PREFIX) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        state[original] = tensor
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------------------------------------------
 
@@ -330,8 +480,12 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
             f"{path} has the unsupported file type {suffix or '(none)'!r}; expected a KeyFace checkpoint "
             f"({', '.join(CHECKPOINT_SUFFIXES)}) from {KEYFACE_WEIGHTS_SOURCE}"
         )
-    tensors = {key.replace(DEEPSPEED_PREFIX, ""): tensor for key, tensor in tensors.items()}
-    return Checkpoint(path, tensors, stored_config)
+    return Checkpoint(path, _original_names(tensors), stored_config)
+
+
+def _original_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Engine keys without the DeepSpeed/Lightning ``_forward_module.`` prefix."""
+    return {key.replace(DEEPSPEED_PREFIX, ""): tensor for key, tensor in tensors.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -705,6 +859,50 @@ def load_identity_encoder(path: str | Path, device: str | torch.device = "cpu"):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _write_stage_file(tensors: dict[str, torch.Tensor], dst: Path, config: StageConfig) -> None:
+    """Flat safetensors with ``config`` in the metadata, written to ``<dst>.partial`` and renamed into place."""
+    seen: set[int] = set()
+    contiguous = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        contiguous[key] = tensor.clone() if storage in seen else tensor.contiguous()  # safetensors refuses shared memory
+        seen.add(storage)
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        save_file(contiguous, str(partial), metadata={"format": "pt", CONFIG_METADATA_KEY: config.to_json()})
+        os.replace(partial, dst)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _safetensors_target(dst: str | Path, what: str) -> Path:
+    dst = Path(dst).expanduser()
+    if dst.suffix.lower() != ".safetensors":
+        raise InputError(f"{what} {dst} must end in .safetensors")
+    if dst.is_dir():
+        raise InputError(f"{what} {dst} is a folder; give a file name ending in .safetensors")
+    if not dst.parent.is_dir():
+        raise InputError(f"{what} {dst}: folder {dst.parent} does not exist; create it first")
+    return dst
+
+
+def save_stage_checkpoint(path: str | Path, model, decoder=None) -> Path:
+    """Write a stage module (+ its VAE frame decoder) as a checkpoint the loaders read without any config file.
+
+    Flat ``.safetensors`` with the original key names (:func:`official_state_dict`) and the model's StageConfig
+    in the metadata, written atomically (temporary file + rename). Returns the path written.
+    """
+    dst = _safetensors_target(path, "checkpoint output")
+    if decoder is not None and decoder.config != model.config.decoder:
+        raise InputError(
+            f"checkpoint output {dst}: the decoder's config {decoder.config} differs from the stage config's "
+            f"{model.config.decoder}"
+        )
+    tensors = {key: tensor.cpu() for key, tensor in official_state_dict(model, decoder).items()}
+    _write_stage_file(tensors, dst, model.config)
+    return dst
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path) -> StageConfig:
     """Rewrite a KeyFace engine checkpoint as flat ``.safetensors`` (original key names, dtypes kept) with its
     StageConfig in the metadata. Backs ``python -m keyface convert``.
@@ -713,21 +911,63 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> StageConfig:
     (unpickling can run code) and proceeds, because running the command is the user's explicit opt-in. The
     output is written to a temporary file next to ``dst`` and renamed into place when complete.
     """
-    dst = Path(dst).expanduser()
-    if dst.suffix.lower() != ".safetensors":
-        raise InputError(f"conversion output {dst} must end in .safetensors")
+    dst = _safetensors_target(dst, "conversion output")
     checkpoint = read_checkpoint(src, allow_pickle=True)
     config = resolve_stage_config(checkpoint)
-    seen: set[int] = set()
-    tensors = {}
-    for key, tensor in checkpoint.tensors.items():
-        storage = tensor.untyped_storage().data_ptr()
-        tensors[key] = tensor.clone() if storage in seen else tensor.contiguous()  # safetensors refuses shared memory
-        seen.add(storage)
-    partial = dst.with_name(dst.name + ".partial")
-    try:
-        save_file(tensors, str(partial), metadata={"format": "pt", CONFIG_METADATA_KEY: config.to_json()})
-        os.replace(partial, dst)
-    finally:
-        partial.unlink(missing_ok=True)
+    _write_stage_file(checkpoint.tensors, dst, config)
     return config
+
+
+def _is_unilm_checkpoint(obj: Any) -> bool:
+    """An original unilm encoder file: ``{'cfg': dict, 'model': state dict}``."""
+    return isinstance(obj, Mapping) and isinstance(obj.get("cfg"), Mapping) and isinstance(obj.get("model"), Mapping)
+
+
+def convert_any(source: str | Path, target: str | Path) -> str:
+    """``python -m keyface convert``: rewrite a KeyFace stage checkpoint or an original unilm WavLM / BEATs
+    checkpoint as ``.safetensors``; returns a one-line summary of what was written.
+
+    Stage checkpoints are written as by :func:`convert_checkpoint` (original key names, StageConfig in the
+    metadata); unilm ``{'cfg', 'model'}`` files through :func:`keyface.audio.weights.save_unilm_checkpoint` (unilm key
+    names, ``cfg`` in the metadata). A pickle that ``weights_only=True`` refuses is unpickled after a warning
+    (the command is the user's opt-in; only convert files from a source you trust).
+    """
+    from .audio.weights import save_unilm_checkpoint
+
+    src = Path(source).expanduser()
+    if src.is_dir():
+        raise InputError(
+            f"{src} is a folder; the Hugging Face folders (wav2vec2-base-960h/, vae/) are used as they are, only "
+            "single .pt / .ckpt / .bin checkpoint files are converted"
+        )
+    src = _existing_file(src, KEYFACE_WEIGHTS_SOURCE)
+    dst = _safetensors_target(target, "conversion output")
+    if src.resolve() == dst.resolve():
+        raise InputError(f"conversion output {dst} is the input file itself; choose another name")
+    loaded = _torch_load(src, allow_pickle=True) if src.suffix.lower() != ".safetensors" else None
+    if _is_unilm_checkpoint(loaded):
+        cfg = dict(loaded["cfg"])
+        encoder = "BEATs" if "input_patch_size" in cfg else "WavLM" if "extractor_mode" in cfg else None
+        if encoder is None:
+            raise CheckpointError(
+                f"{src} is a unilm {{'cfg', 'model'}} checkpoint but neither WavLM nor BEATs (its cfg has no "
+                "'extractor_mode' or 'input_patch_size'); KeyFace uses WavLM Base+ and BEATs iter3+ only"
+            )
+        tensors = {key: value for key, value in loaded["model"].items() if isinstance(value, torch.Tensor)}
+        if len(tensors) != len(loaded["model"]):
+            raise CheckpointError(f"{src}: its 'model' entry holds values that are not tensors; not a unilm checkpoint")
+        save_unilm_checkpoint(dst, cfg, tensors)
+        return f"wrote {dst}: {encoder} audio encoder, {len(tensors)} tensors (unilm names, cfg in the metadata)"
+    if loaded is None:
+        checkpoint = read_checkpoint(src)
+    else:
+        checkpoint = Checkpoint(src, _original_names(_tensors_of(loaded, src)))
+    if not any(key.startswith(UNET_PREFIX) for key in checkpoint.tensors):
+        raise CheckpointError(
+            f"{src} is neither a KeyFace stage checkpoint ('{UNET_PREFIX}*' tensors: keyframe.pt, interpolation.pt, "
+            f"interpolation_bad.pt from {KEYFACE_WEIGHTS_SOURCE}) nor an original unilm WavLM / BEATs checkpoint "
+            "({'cfg', 'model'}); nothing to convert"
+        )
+    config = resolve_stage_config(checkpoint)
+    _write_stage_file(checkpoint.tensors, dst, config)
+    return f"wrote {dst}: {config.kind} stage, {len(checkpoint.tensors)} tensors (original names, config in the metadata)"

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("keyface_demo.mp4"), help="output .mp4")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated speech-like audio")
     demo.add_argument("--models", type=Path, default=None,
-                      help="where to write the tiny demo weights (default: a folder in the KeyFace cache)")
+                      help="where to write the tiny demo weights (default: a folder in the KeyFace cache); a new or "
+                           "empty folder, e.g. ComfyUI/models/keyface to try the example workflows")
+    demo.add_argument("--weights-only", action="store_true", help="only write the demo weights, make no video")
 
     crop = commands.add_parser("crop", help="write the square face crop of an image; print its box as JSON")
     crop.add_argument("image", type=Path)
@@ -106,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
             generate_from_files(args)
         elif args.command == "demo":
-            from .demo import run_demo
+            from .demo import install_demo_weights, run_demo
 
-            run_demo(args.out, seconds=args.seconds, models_folder=args.models)
+            if args.weights_only:
+                install_demo_weights(args.models)
+            else:
+                run_demo(args.out, seconds=args.seconds, models_folder=args.models)
         elif args.command == "crop":
             from .face import crop_face_to_file, parse_crop
 

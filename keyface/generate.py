@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
 from .errors import InputError
 from .pipeline import Conditioning, GenerationSettings, ProgressCallback, TalkingHeadJob
@@ -105,10 +105,46 @@ def generate_video(
     return out
 
 
-def generate_from_files(args) -> Path:
-    """``python -m keyface generate``: parsed arguments -> :func:`generate_video` with a tqdm progress bar."""
+@contextmanager
+def progress_bar() -> Iterator[tuple[ProgressCallback, Callable[[int, int], None]]]:
+    """A tqdm bar on the terminal for :func:`generate_video`: yields its ``(progress, audio_progress)`` callbacks
+    (audio windows first, then the stage, segment and step of every sampler step and output frame, with ETA).
+
+    The bar appears with the first report, so an input error found before any work prints nothing but itself.
+    """
     from tqdm import tqdm
 
+    bar = None
+
+    def shown(description: str):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=0, unit="step", dynamic_ncols=True, desc=description)
+        return bar
+
+    def on_audio(done: int, total: int) -> None:
+        audio_bar = shown("audio features")
+        audio_bar.total = total
+        audio_bar.n = done
+        audio_bar.refresh()
+
+    def on_progress(event) -> None:
+        stage_bar = shown(event.stage)
+        if stage_bar.total != event.total:
+            stage_bar.reset(total=event.total)
+        stage_bar.set_description(event.stage, refresh=False)
+        stage_bar.set_postfix_str(event.detail, refresh=False)
+        stage_bar.update(event.completed - stage_bar.n)
+
+    try:
+        yield on_progress, on_audio
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def generate_from_files(args) -> Path:
+    """``python -m keyface generate``: parsed arguments -> :func:`generate_video` with a tqdm progress bar."""
     settings = GenerationSettings(
         num_steps=args.steps,
         audio_scale=args.audio_scale,
@@ -118,20 +154,7 @@ def generate_from_files(args) -> Path:
         schedule=args.schedule,
         segments_per_call=args.segments_per_call,
     )
-    with tqdm(total=0, unit="step", dynamic_ncols=True, desc="audio features") as bar:
-
-        def on_audio(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        def on_progress(event) -> None:
-            if bar.total != event.total:
-                bar.reset(total=event.total)
-            bar.set_description(event.stage, refresh=False)
-            bar.set_postfix_str(event.detail, refresh=False)
-            bar.update(event.completed - bar.n)
-
+    with progress_bar() as (on_progress, on_audio):
         out = generate_video(
             args.image, args.audio, args.out, args.models, emotion=args.emotion, settings=settings,
             device=args.device, precision=args.precision, crop=args.crop, paste_back=args.paste_back,

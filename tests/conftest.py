@@ -93,3 +93,13 @@ def isolated_keyface_cache(tmp_path_factory):
         os.environ.pop("KEYFACE_CACHE_DIR", None)
     else:
         os.environ["KEYFACE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def demo_models(isolated_keyface_cache) -> Path:
+    """A complete models folder of tiny random-weight networks (the demo's, in the release layout), written once
+    per test session into the session's KeyFace cache. Tests that need working models but no golden numbers use
+    it, so they run without any fixture set."""
+    from keyface.demo import default_demo_folder, write_demo_weights
+
+    return write_demo_weights(default_demo_folder())

@@ -18,7 +18,8 @@ from keyface.audio.features import nearest_indices
 from keyface.audio.io import AudioClip, num_video_frames, pad_to_frames, to_encoder_waveform
 from keyface.audio.wav2vec2 import load_wav2vec2
 from keyface.audio.wavlm import load_wavlm
-from keyface.audio.weights import BEATS_FILE, WAV2VEC2_FOLDER, WAVLM_FILE, convert_unilm_checkpoint
+from keyface.audio.weights import BEATS_FILE, WAV2VEC2_FOLDER, WAVLM_FILE
+from keyface.checkpoints import convert_any
 from keyface.errors import CheckpointError, MissingWeightsError
 
 CLIPS = ["audio_clip16k_mono", "audio_clip44k_stereo"]
@@ -73,7 +74,8 @@ def test_pt_and_safetensors_copies_give_identical_outputs(fixture_set, tmp_path)
     for loader, name in [(load_wavlm, WAVLM_FILE), (load_beats, BEATS_FILE)]:
         reference = loader(folder / name).encode(signal)
         flat_copy = folder / name.replace(".pt", ".model.safetensors")  # cfg read from the .pt beside it
-        converted = convert_unilm_checkpoint(folder / name, tmp_path / name.replace(".pt", ".safetensors"))
+        converted = tmp_path / name.replace(".pt", ".safetensors")
+        convert_any(folder / name, converted)
         sidecar_dir = tmp_path / "sidecar"
         sidecar_dir.mkdir(exist_ok=True)
         alone = sidecar_dir / flat_copy.name

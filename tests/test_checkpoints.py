@@ -13,7 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from keyface.checkpoints import (
+    AUDIO_PROJECTION_KEY,
     CONFIG_METADATA_KEY,
+    DECODER_PREFIX,
+    LEARNED_MASK_KEY,
+    UNET_PREFIX,
+    convert_any,
     convert_checkpoint,
     decoder_key,
     infer_stage_config,
@@ -22,12 +27,17 @@ from keyface.checkpoints import (
     load_identity_encoder,
     load_interpolation_model,
     load_keyframe_model,
+    official_key_names,
+    official_state_dict,
     read_checkpoint,
     read_stage_config,
+    save_stage_checkpoint,
     unet_key,
 )
 from keyface.config import StageConfig
-from keyface.errors import CheckpointError, MissingWeightsError
+from keyface.errors import CheckpointError, InputError, MissingWeightsError
+from keyface.models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
+from keyface.models.vae import FrameDecoder
 
 STAGE_FILES = ("keyframe", "interpolation", "interpolation_bad")
 
@@ -298,3 +308,124 @@ def test_missing_and_unexpected_tensors_are_reported(fixture_set, tmp_path, capl
     with caplog.at_level("WARNING", logger="keyface.checkpoints"):
         load_keyframe_model(foreign, config=config)
     assert "loss_fn.lpips.scale" in caplog.text  # tensors outside the networks: ignored with a warning
+
+
+# ---- writing checkpoints: the inverse key mapping ------------------------------------------------------------
+
+# Spec §7: 1,428 UNet tensors per stage, 266 VAE decoder tensors.
+OFFICIAL_UNET_TENSORS = 1428
+OFFICIAL_DECODER_TENSORS = 266
+
+
+def _loader_name(original: str, config: StageConfig) -> str:
+    """The loaders' forward map, spelled out with the public key functions."""
+    if original.startswith(UNET_PREFIX):
+        return "unet." + unet_key(original[len(UNET_PREFIX):], config.unet.layers_per_block)
+    if original.startswith(DECODER_PREFIX):
+        return "decoder." + decoder_key(original[len(DECODER_PREFIX):], len(config.decoder.block_out_channels))
+    if original == LEARNED_MASK_KEY:
+        return "learned_mask"
+    match = AUDIO_PROJECTION_KEY.fullmatch(original)
+    assert match is not None, original
+    return f"audio_projection.linear.{match.group(2)}"
+
+
+@pytest.mark.parametrize("kind, module_class, audio_keys", [
+    ("keyframe", KeyframeModel, {"conditioner.embedders.3.linear.weight", "conditioner.embedders.3.linear.bias"}),
+    ("interpolation", InterpolationModel,
+     {"conditioner.embedders.1.linear.weight", "conditioner.embedders.1.linear.bias", "model.learned_mask"}),
+    ("interpolation", InterpolationNetwork, {"model.learned_mask"}),
+])
+def test_official_names_invert_the_loader_mapping_at_full_size(kind, module_class, audio_keys):
+    config = StageConfig.official(kind)
+    with torch.device("meta"):
+        model, decoder = module_class(config), FrameDecoder(config.decoder)
+    names = official_key_names(model, decoder)
+    ours = set(model.state_dict()) | set(decoder.state_dict())
+    assert set(names) == ours
+    assert len(set(names.values())) == len(names)
+    assert all(_loader_name(original, config) == key for key, original in names.items())
+    originals = set(names.values())
+    assert sum(name.startswith(UNET_PREFIX) for name in originals) == OFFICIAL_UNET_TENSORS
+    assert sum(name.startswith(DECODER_PREFIX) for name in originals) == OFFICIAL_DECODER_TENSORS
+    assert originals - {n for n in originals if n.startswith((UNET_PREFIX, DECODER_PREFIX))} == audio_keys
+    state = official_state_dict(model, decoder)  # meta tensors: shapes only
+    attention_conv = DECODER_PREFIX + "mid.attn_1.q.weight"
+    assert state[attention_conv].shape == (*decoder.decoder.mid_block.attentions[0].to_q.weight.shape, 1, 1)
+
+
+@pytest.mark.parametrize("name, loader, with_decoder", [
+    ("keyframe", load_keyframe_model, True),
+    ("interpolation", load_interpolation_model, True),
+    ("interpolation_bad", load_autoguidance_network, False),
+])
+def test_official_state_dict_reproduces_the_fixture_files(fixture_set, name, loader, with_decoder):
+    path = checkpoint_path(fixture_set, name, ".safetensors")
+    original = read_checkpoint(path).tensors
+    model = loader(path)
+    state = official_state_dict(model, load_frame_decoder(path) if with_decoder else None)
+    if not with_decoder:  # the bad network keeps only its UNet and learned mask
+        original = {k: v for k, v in original.items() if k.startswith(UNET_PREFIX) or k == LEARNED_MASK_KEY}
+    assert state.keys() == original.keys()
+    assert all(state[k].shape == original[k].shape and torch.equal(state[k], original[k].float()) for k in state)
+
+
+def _random_stage(kind: str, module_class, seed: int):
+    from keyface.demo import TINY, randomise_
+
+    return randomise_(module_class(TINY.stage_config(kind)), seed)
+
+
+@pytest.mark.parametrize("kind, module_class, loader", [
+    ("keyframe", KeyframeModel, load_keyframe_model),
+    ("interpolation", InterpolationModel, load_interpolation_model),
+    ("interpolation", InterpolationNetwork, load_autoguidance_network),
+])
+def test_saved_stage_checkpoint_loads_back_identically_without_a_config_file(tmp_path, kind, module_class, loader):
+    from keyface.demo import TINY, randomise_
+
+    model = _random_stage(kind, module_class, seed=1)
+    decoder = randomise_(FrameDecoder(TINY.decoder_config()), 2)
+    path = save_stage_checkpoint(tmp_path / "stage.safetensors", model, decoder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage.safetensors"]  # nothing else: no JSON, no partial
+    # 16 channels per head cannot be read from shapes (the fallback is 64): the stored config is what makes it load
+    assert model.config.unet.num_head_channels != StageConfig.official(kind).unet.num_head_channels
+    loaded = loader(path)
+    assert loaded.config == model.config
+    for saved_module, loaded_module in ((model, loaded), (decoder, load_frame_decoder(path))):
+        saved, read_back = saved_module.state_dict(), loaded_module.state_dict()
+        assert read_back.keys() == saved.keys()
+        assert all(torch.equal(read_back[k], v) for k, v in saved.items())
+    with safe_open(path, framework="pt") as handle:
+        assert StageConfig.from_json(handle.metadata()[CONFIG_METADATA_KEY]) == model.config
+
+
+def test_save_stage_checkpoint_checks_its_arguments(tmp_path):
+    from keyface.demo import TINY
+
+    model = _random_stage("keyframe", KeyframeModel, seed=1)
+    with pytest.raises(InputError, match=r"\.safetensors"):
+        save_stage_checkpoint(tmp_path / "stage.pt", model)
+    with pytest.raises(InputError, match="does not exist"):
+        save_stage_checkpoint(tmp_path / "missing" / "stage.safetensors", model)
+    other = FrameDecoder(replace(TINY.decoder_config(), layers_per_block=1))
+    with pytest.raises(InputError, match="decoder"):
+        save_stage_checkpoint(tmp_path / "stage.safetensors", model, other)
+    assert not list(tmp_path.iterdir())
+
+
+def test_convert_any_refuses_what_it_cannot_convert(tmp_path):
+    tensors_only = tmp_path / "tensors.pt"
+    torch.save({"weight": torch.ones(2)}, tensors_only)
+    with pytest.raises(CheckpointError, match="neither a KeyFace stage checkpoint.*nor an original unilm") as error:
+        convert_any(tensors_only, tmp_path / "out.safetensors")
+    assert str(tensors_only) in str(error.value)
+    other_unilm = tmp_path / "hubert.pt"
+    torch.save({"cfg": {"label_rate": 50}, "model": {"weight": torch.ones(2)}}, other_unilm)
+    with pytest.raises(CheckpointError, match="neither WavLM nor BEATs"):
+        convert_any(other_unilm, tmp_path / "out.safetensors")
+    with pytest.raises(InputError, match="is a folder"):
+        convert_any(tmp_path, tmp_path / "out.safetensors")
+    with pytest.raises(InputError, match=r"must end in \.safetensors"):
+        convert_any(tensors_only, tmp_path / "out.pt")
+    assert not list(tmp_path.glob("out*"))

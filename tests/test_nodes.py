@@ -1,7 +1,7 @@
 """The ComfyUI node pack: the registration contract ComfyUI relies on, each node's input checks (one message
 naming the input), and every node executed in-process on tiny random weights (no ComfyUI needed).
 
-Models come from the fixture set's ``checkpoints/`` folder (:func:`models_folder`); outputs, inputs and the
+Models come from the demo's tiny random weights (the ``demo_models`` fixture, release layout); outputs, inputs and the
 KeyFace cache (features, job folders) go to a temporary folder for the session.
 """
 
@@ -162,11 +162,6 @@ SPEECH_SECONDS = 0.6  # 15 frames: keyframes at 0 and 13 (one keyframe batch, tw
 SPEECH_RATE = 22050
 
 
-def models_folder(fixture_set: Path) -> Path:
-    """The KeyFace models folder the nodes load from (the fixture set's checkpoints, in the release layout)."""
-    return fixture_set / "checkpoints"
-
-
 def write_speech(path: Path, seconds: float = SPEECH_SECONDS, rate: int = SPEECH_RATE) -> None:
     """A speech-like mono wav: a 150-Hz buzz with a syllable-rate envelope."""
     t = np.arange(round(seconds * rate)) / rate
@@ -248,12 +243,12 @@ _loaded_models: dict[Path, object] = {}
 
 
 @pytest.fixture
-def model(fixture_set, workspace):
-    """The KEYFACE_MODEL of the fixture weights, loaded by the Model Loader node once per fixture set."""
-    host.configure(models=models_folder(fixture_set))
-    if fixture_set not in _loaded_models:
-        (_loaded_models[fixture_set],) = run("KeyFaceModelLoader", device="cpu")
-    return _loaded_models[fixture_set]
+def model(demo_models, workspace):
+    """The KEYFACE_MODEL of the demo weights, loaded by the Model Loader node once per session."""
+    host.configure(models=demo_models)
+    if demo_models not in _loaded_models:
+        (_loaded_models[demo_models],) = run("KeyFaceModelLoader", device="cpu")
+    return _loaded_models[demo_models]
 
 
 class Chain:
@@ -276,15 +271,16 @@ class Chain:
         self.interpolator_updates = RecordingBar.updates
 
 
-_chains: dict[Path, Chain] = {}
+_chains: list[Chain] = []
 
 
 @pytest.fixture
-def chain(fixture_set, model, workspace, monkeypatch) -> Chain:
+def chain(model, workspace, monkeypatch) -> Chain:
+    """The default graph, executed once per session."""
     monkeypatch.setattr(host, "progress_bar", RecordingBar)
-    if fixture_set not in _chains:
-        _chains[fixture_set] = Chain(model, workspace)
-    return _chains[fixture_set]
+    if not _chains:
+        _chains.append(Chain(model, workspace))
+    return _chains[0]
 
 
 def output_files(workspace) -> list[Path]:
@@ -377,16 +373,16 @@ def test_a_workflow_naming_safetensors_points_to_the_downloaded_pt(tmp_path, wor
     assert first.endswith("keyframe.pt is there: choose it in the keyframe list")
 
 
-def test_model_names_cannot_leave_the_models_folder(fixture_set, workspace):
-    host.configure(models=models_folder(fixture_set))
+def test_model_names_cannot_leave_the_models_folder(demo_models, workspace):
+    host.configure(models=demo_models)
     with pytest.raises(MissingWeightsError, match=r"^keyframe: '\.\./checkpoints/keyframe\.pt' is not a file name"):
         run("KeyFaceModelLoader", keyframe="../checkpoints/keyframe.pt")
 
 
-def test_loader_finds_the_release_layout_and_reuses_loaded_models(model, fixture_set):
+def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
     loader = NODES["KeyFaceModelLoader"]
     spec = loader.INPUT_TYPES()["required"]
-    assert {"keyframe.safetensors", "keyframe.pt", "interpolation.pt"} <= set(spec["keyframe"][0])
+    assert {"keyframe.safetensors", "interpolation.safetensors"} <= set(spec["keyframe"][0])
     assert spec["autoguidance"][0][0] == "none"
     assert spec["autoguidance"][1]["default"] == "interpolation_bad.safetensors"
     assert spec["vae"][0] == ["vae"] and spec["wav2vec2"][1]["default"] == "wav2vec2-base-960h"

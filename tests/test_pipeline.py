@@ -20,12 +20,13 @@ from keyface.video import FrameListSink, probe_media
 _models_cache: dict[Path, object] = {}
 
 
-def tiny_models(fixture_set: Path):
+def tiny_models(folder: Path):
+    """The models of a models folder (a fixture set's ``checkpoints/`` or the demo weights), loaded once."""
     from keyface.loading import find_model_files, load_models
 
-    if fixture_set not in _models_cache:
-        _models_cache[fixture_set] = load_models(find_model_files(fixture_set / "checkpoints"))
-    return _models_cache[fixture_set]
+    if folder not in _models_cache:
+        _models_cache[folder] = load_models(find_model_files(folder))
+    return _models_cache[folder]
 
 
 def fixture_conditioning(fixture_set: Path) -> tuple[Conditioning, dict]:
@@ -67,7 +68,7 @@ def test_seeded_noise_is_the_original_draw_order(fixture_set):
 
 
 def test_reference_pipeline_reproduces_the_original(fixture_set, tmp_path):
-    models = tiny_models(fixture_set)
+    models = tiny_models(fixture_set / "checkpoints")
     conditioning, stored = fixture_conditioning(fixture_set)
     intermediates = load_file(fixture_set / "pipeline" / "full_pipeline_intermediates.safetensors")
     schedule = plan_schedule(conditioning.num_frames, "reference")
@@ -91,10 +92,9 @@ def test_reference_pipeline_reproduces_the_original(fixture_set, tmp_path):
     assert (difference > 0).float().mean() <= 0.01
 
 
-def test_aligned_generation_writes_an_mp4_of_the_audio_length(fixture_set, tmp_path):
+def test_aligned_generation_writes_an_mp4_of_the_audio_length(demo_models, tmp_path):
     """3 s of speech-like audio -> 75 frames, with the audio track of the same length, via the CLI's path."""
     from keyface.generate import generate_video
-    from keyface.video import AudioTrack, Mp4Writer
 
     sample_rate, seconds = 44100, 3.0
     t = np.arange(int(sample_rate * seconds)) / sample_rate
@@ -106,14 +106,13 @@ def test_aligned_generation_writes_an_mp4_of_the_audio_length(fixture_set, tmp_p
 
     Image.fromarray((np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)).save(image)
     out = tmp_path / "talk.mp4"
-    generate_video(image, audio, out, fixture_set / "checkpoints", settings=GenerationSettings(), device="cpu")
+    generate_video(image, audio, out, demo_models, settings=GenerationSettings(), device="cpu")
 
     info = probe_media(out)
     assert info.video.num_frames == 75
     assert info.audio.sample_rate == sample_rate and info.audio.channels == 2
     assert math.isclose(info.audio.duration, 3.0, abs_tol=1024 / sample_rate)
     assert not any(p.name.endswith(".keyface-job") for p in tmp_path.iterdir())  # removed after success
-    del AudioTrack, Mp4Writer
 
 
 def _write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
@@ -138,8 +137,8 @@ class _StopAfter:
                 raise Interrupted("stopped by the test")
 
 
-def test_resume_after_interruption_gives_the_uninterrupted_frames(fixture_set, tmp_path):
-    models = tiny_models(fixture_set)
+def test_resume_after_interruption_gives_the_uninterrupted_frames(demo_models, tmp_path):
+    models = tiny_models(demo_models)
     conditioning = random_conditioning(models, frames=45)
     settings = GenerationSettings(segments_per_call=1)
 
@@ -161,8 +160,8 @@ def test_resume_after_interruption_gives_the_uninterrupted_frames(fixture_set, t
     assert events[-1].completed == events[-1].total
 
 
-def test_edited_keyframe_changes_only_its_segments(fixture_set, tmp_path):
-    models = tiny_models(fixture_set)
+def test_edited_keyframe_changes_only_its_segments(demo_models, tmp_path):
+    models = tiny_models(demo_models)
     job = TalkingHeadJob(models, random_conditioning(models, frames=40), job_folder=tmp_path)
     before = [job.segment(k).clone() for k in range(len(job.schedule.segments))]
     frame, _ = job.keyframe_slots()[1]  # frame 13: end of segment 0, start of segment 1
@@ -174,8 +173,8 @@ def test_edited_keyframe_changes_only_its_segments(fixture_set, tmp_path):
         job.replace_keyframe(frame + 1, torch.zeros(models.latent_shape))
 
 
-def test_interpolation_settings_keep_the_keyframes(fixture_set, tmp_path):
-    models = tiny_models(fixture_set)
+def test_interpolation_settings_keep_the_keyframes(demo_models, tmp_path):
+    models = tiny_models(demo_models)
     job = TalkingHeadJob(models, random_conditioning(models, frames=20), job_folder=tmp_path)
     job.generate_keyframes()
     keyframes = job.keyframe_batch(0).clone()
@@ -200,8 +199,8 @@ def test_impossible_settings_are_refused(changes, message):
         GenerationSettings(**changes)
 
 
-def test_job_folder_refuses_a_foreign_non_empty_folder(fixture_set, tmp_path):
-    models = tiny_models(fixture_set)
+def test_job_folder_refuses_a_foreign_non_empty_folder(demo_models, tmp_path):
+    models = tiny_models(demo_models)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(KeyFaceError, match="not empty"):
         TalkingHeadJob(models, random_conditioning(models, frames=5), job_folder=tmp_path)

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_nodes import (  # noqa: F401
-    NODES,
-    PACK_ROOT,
-    host,
-    models_folder,
-    write_speech,
-)
+from test_nodes import NODES, PACK_ROOT, host, write_speech
+
+from keyface.demo import TINY
 
 WORKFLOWS = PACK_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -308,10 +303,10 @@ def detector_available() -> bool:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_runs_on_tiny_weights(name, fixture_set, comfy_folders):
+def test_api_workflow_runs_on_tiny_weights(name, demo_models, comfy_folders):
     from keyface.video import probe_media
 
-    host.configure(models=models_folder(fixture_set), **comfy_folders)
+    host.configure(models=demo_models, **comfy_folders)
     try:
         prompt = load_api(name)
         for entry in prompt.values():
@@ -334,17 +329,13 @@ def test_api_workflow_runs_on_tiny_weights(name, fixture_set, comfy_folders):
         assert json.loads(info.metadata["prompt"])[node_id]["class_type"] == "KeyFaceVideoCombine"
         assert json.loads(info.metadata["workflow"]) == load_ui(name)
         inputs = prompt[node_id]["inputs"]
-        size = _model_size(fixture_set)
+        size = TINY.image_size
         if "crop" in inputs:  # pasted back into the full portrait
             assert (info.video.width, info.video.height) == _portrait_size(comfy_folders)
         elif "upscale_model" in inputs:
             assert (info.video.width, info.video.height) == (2 * size, 2 * size)
         else:
             assert (info.video.width, info.video.height) == (size, size)
-
-
-def _model_size(fixture_set: Path) -> int:
-    return json.loads((fixture_set / "config.json").read_text())["image_size"]
 
 
 def _portrait_size(folders: dict) -> tuple[int, int]:

@@ -262,6 +262,19 @@ def beats_state_dict_from_unilm(state_dict: dict[str, torch.Tensor], config: BEA
     return renamed
 
 
+def beats_state_dict_to_unilm(state_dict: dict[str, torch.Tensor], config: BEATsConfig) -> dict:
+    """Inverse of :func:`beats_state_dict_from_unilm` (without the classifier): the shared position-bias table
+    under every layer's key, as the released checkpoints store it."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if key == "encoder.relative_attention_bias.weight":
+            for layer in range(config.encoder_layers):
+                renamed[f"encoder.layers.{layer}.self_attn.relative_attention_bias.weight"] = tensor
+        else:
+            renamed[key.replace("encoder.pos_conv.", "encoder.pos_conv.0.")] = tensor
+    return renamed
+
+
 class BEATsEncoder(AudioEncoder):
     """:class:`BEATsModel` as an :class:`AudioEncoder`: waveform -> fbank -> tokens (8 per 160 ms for 16x16 patches)."""
 

@@ -43,6 +43,7 @@ from .weights import (
     WAV2VEC2_FOLDER,
     WAV2VEC2_ORIGIN,
     WAVLM_FILE,
+    WAVLM_HF_FOLDER,
     WAVLM_ORIGIN,
     file_identity,
     require_path,
@@ -56,7 +57,7 @@ ProgressCallback = Callable[[int, int], None]
 
 # File names looked for by AudioFeatureExtractor.from_folder, first found wins.
 _FOLDER_CANDIDATES = {
-    "wavlm": (WAVLM_FILE, "WavLM-Base+.safetensors", "wavlm-base-plus"),
+    "wavlm": (WAVLM_FILE, "WavLM-Base+.safetensors", WAVLM_HF_FOLDER),
     "beats": (BEATS_FILE, BEATS_FILE.replace(".pt", ".safetensors")),
     "wav2vec2": (WAV2VEC2_FOLDER,),
 }

@@ -159,6 +159,45 @@ def wavlm_state_dict_from_unilm(
     return renamed
 
 
+def _inverted_rule(pattern: str, replacement: str) -> tuple[str, str]:
+    """A ``_KEY_MAP`` rule turned around: transformers key pattern -> unilm replacement.
+
+    The replacement's literal text becomes the pattern (escaped) and its ``\\N`` references the groups they copy;
+    the original pattern, unescaped, becomes the replacement with each group renumbered.
+    """
+    groups = re.findall(r"\([^)]*\)", pattern)
+    pieces = re.split(r"\\(\d)", replacement)  # literal, group number, literal, ...
+    order = [int(number) for number in pieces[1::2]]
+    inverse_pattern = "".join(
+        re.escape(piece) if index % 2 == 0 else groups[int(piece) - 1] for index, piece in enumerate(pieces)
+    )
+    literal_pieces = re.split(r"\([^)]*\)", pattern)
+    inverse_replacement = literal_pieces[0].replace("\\", "")
+    for group, literal in enumerate(literal_pieces[1:], start=1):
+        inverse_replacement += f"\\{order.index(group) + 1}" + literal.replace("\\", "")
+    return inverse_pattern, inverse_replacement
+
+
+def wavlm_state_dict_to_unilm(state_dict: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`wavlm_state_dict_from_unilm` for a network of this unilm ``cfg``: ``transformers.WavLMModel``
+    keys -> the released checkpoint's names. The first conv layer's norm is a GroupNorm (``.0.2.``) only in the
+    ``default`` extractor mode (Base+), a LayerNorm (``.0.2.1.``) like the others in ``layer_norm`` mode."""
+    rules = [_inverted_rule(pattern, replacement) for pattern, replacement in _KEY_MAP]
+    if cfg.get("extractor_mode") != "default":
+        rules = [rule for rule, (pattern, _) in zip(rules, _KEY_MAP) if ".0\\.2\\." not in pattern]
+    renamed = {}
+    for key, tensor in state_dict.items():
+        key = key.replace("pos_conv_embed.conv.weight_g", "pos_conv_embed.conv.parametrizations.weight.original0")
+        key = key.replace("pos_conv_embed.conv.weight_v", "pos_conv_embed.conv.parametrizations.weight.original1")
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                renamed[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            raise RuntimeError(f"no unilm WavLM name maps to {key}")
+    return renamed
+
+
 def build_wavlm(cfg: dict, identity: str = "random") -> TransformersSpeechEncoder:
     """A WavLM encoder with random weights from a unilm ``cfg`` dict (benchmarks and tests)."""
     from transformers import WavLMModel

@@ -4,7 +4,7 @@ WavLM and BEATs come as the original unilm files: ``torch.save({'cfg': dict, 'mo
 read with ``torch.load(weights_only=True)`` only. They may also be stored as safetensors holding the same
 state dict (unilm key names). A safetensors file carries no pickle, so its ``cfg`` is looked up, in order:
 
-1. the file's metadata entry ``"cfg"`` (JSON text) - what :func:`convert_unilm_checkpoint` writes;
+1. the file's metadata entry ``"cfg"`` (JSON text) - what ``python -m keyface convert`` writes;
 2. a JSON file beside it: ``NAME.json`` for ``NAME.safetensors`` (also ``BASE.json`` for ``BASE.model.safetensors``);
 3. the original ``.pt`` beside it (``NAME.pt`` or ``BASE.pt``), whose ``cfg`` entry is read.
 
@@ -28,6 +28,7 @@ from ..errors import CheckpointError, MissingWeightsError
 WAVLM_FILE = "WavLM-Base+.pt"
 BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
 WAV2VEC2_FOLDER = "wav2vec2-base-960h"
+WAVLM_HF_FOLDER = "wavlm-base-plus"  # the Hugging Face microsoft/wavlm-base-plus layout
 
 WAVLM_ORIGIN = (
     "WavLM Base+ comes from the Microsoft unilm WavLM release (file WavLM-Base+.pt); the KeyFace release "
@@ -45,9 +46,7 @@ WAV2VEC2_ORIGIN = (
 
 _CFG_METADATA_KEY = "cfg"
 _REFUSED_PICKLE_HELP = (
-    'convert it once to safetensors where you trust the file, e.g. python -c "import json, torch; '
-    "from safetensors.torch import save_file; c = torch.load('IN.pt', weights_only=False); "
-    "save_file(c['model'], 'OUT.safetensors', metadata={'cfg': json.dumps(c['cfg'])})\" and pass OUT.safetensors"
+    "if you trust the file, convert it once with python -m keyface convert IN.pt OUT.safetensors and use OUT.safetensors"
 )
 
 
@@ -84,18 +83,26 @@ def read_unilm_checkpoint(path: str | os.PathLike, what: str, origin: str) -> Un
     return UnilmCheckpoint(dict(checkpoint["cfg"]), _tensor_dict(checkpoint["model"], path, what), path)
 
 
-def convert_unilm_checkpoint(source: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
-    """Write a unilm .pt checkpoint as safetensors with its cfg in the metadata; returns the new file.
+def save_unilm_checkpoint(target: str | os.PathLike, cfg: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write a unilm-named state dict, atomically (temporary file + rename); returns the path written.
 
-    ``target`` defaults to ``SOURCE.safetensors`` beside the .pt file.
+    ``.safetensors``: the tensors with ``cfg`` (JSON) in the metadata, read without the original .pt.
+    ``.pt``: the released layout itself, ``{'cfg': cfg, 'model': state dict}``, which ``weights_only`` loading reads.
     """
-    checkpoint = read_unilm_checkpoint(source, "encoder checkpoint", "an original unilm {'cfg', 'model'} file")
-    from safetensors.torch import save_file
-
-    target = Path(target) if target is not None else checkpoint.path.with_suffix(".safetensors")
+    target = Path(target)
     # cloned: tied tensors (BEATs' shared position-bias table) share storage, which safetensors refuses
-    tensors = {key: value.detach().clone().contiguous() for key, value in checkpoint.state_dict.items()}
-    save_file(tensors, str(target), metadata={_CFG_METADATA_KEY: json.dumps(checkpoint.cfg)})
+    tensors = {key: value.detach().cpu().clone().contiguous() for key, value in state_dict.items()}
+    partial = target.with_name(target.name + ".partial")
+    try:
+        if target.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(partial), metadata={_CFG_METADATA_KEY: json.dumps(cfg)})
+        else:
+            torch.save({"cfg": dict(cfg), "model": tensors}, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
@@ -169,7 +176,7 @@ def _find_cfg_for_safetensors(path: Path, what: str) -> dict:
                 return dict(checkpoint["cfg"])
     raise CheckpointError(
         f"{what}: {path} holds weights but no config. Store the original cfg dict as JSON in the file's metadata "
-        f"key '{_CFG_METADATA_KEY}' (keyface.audio.weights.convert_unilm_checkpoint does this), or beside it as "
+        f"key '{_CFG_METADATA_KEY}' (python -m keyface convert does this), or beside it as "
         f"{path.with_name(stems[-1] + '.json')}, or put the original {stems[-1]}.pt beside it"
     )
 

@@ -37,7 +37,7 @@ def preprocess_image(image: np.ndarray | torch.Tensor, size: int) -> torch.Tenso
         ``(1, 3, size, size)`` float32 in [-1, 1]: bilinear resize (``align_corners=False``, no antialias,
         aspect ratio not preserved — give a square crop) then ``/ 127.5 - 1``.
     """
-    pixels = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    pixels = torch.as_tensor(np.array(image) if not isinstance(image, torch.Tensor) else image)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise InputError(f"identity image has shape {tuple(pixels.shape)}; expected (height, width, 3) RGB")
     if pixels.dtype == torch.uint8:

@@ -1,0 +1,189 @@
+"""Wall time per second of video for each pipeline stage, and peak memory for a short vs a long clip.
+
+Not part of the test suite. Runs ``keyface.generate.generate_video`` - what ``python -m keyface generate`` runs,
+writing a real mp4 with the audio - on the demo's tiny random weights (:mod:`keyface.demo`), a drawn portrait
+and synthetic speech of each requested length. Each length runs in a fresh child process (cold feature cache,
+own job folder) whose peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at its end) is therefore its own.
+
+Time is attributed to phases: ``setup`` (argument checks, decoding the audio, the crop), ``load_models``,
+``audio_features`` (the three encoders), ``identity`` (VAE encoding of the portrait), then by
+``ProgressEvent.stage`` while the job runs - ``keyframes``, ``interpolation``, ``frames`` (decoding + mp4
+encoding of the frames) - and ``finalise`` (closing the mp4, removing the job folder). A background sampler
+also records the largest RSS seen in each phase, to show what grows with the length.
+
+stdout: one JSON object per line, e.g. ``{"metric": "pipeline_10s_keyframes_s_per_video_s", "value": 0.42}``,
+ending with ``{"metric": "peak_rss_ratio_600s_vs_10s", "value": 1.05}``; stderr: the same as a table.
+
+    python bench/pipeline.py                                  # 10 s and 600 s (10 min)
+    python bench/pipeline.py --seconds 10 300 --segments-per-call 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PHASES = ("setup", "load_models", "audio_features", "identity", "keyframes", "interpolation", "frames", "finalise")
+RSS_SAMPLE_SECONDS = 0.2
+
+
+def emit(metric: str, value: float, **extra) -> None:
+    print(json.dumps({"metric": metric, "value": round(value, 6), **extra}), flush=True)
+
+
+class PhaseClock:
+    """Charges the wall time since the previous charge to a phase; samples RSS in the background and keeps the
+    largest value seen while each phase was running."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.peak_rss = dict.fromkeys(PHASES, 0)
+        self.running = "setup"
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def charge(self, phase: str, next_phase: str | None = None) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+        self._note_rss(phase)
+        self.running = next_phase or phase
+
+    def wrap(self, owner, name: str, phase: str) -> None:
+        """Charge the time of every call of ``owner.name`` to ``phase`` (what ran before it to ``setup``)."""
+        function = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self.charge("setup", phase)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.charge(phase, "setup")
+
+        setattr(owner, name, timed)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sampler.join()
+
+    def _note_rss(self, phase: str) -> None:
+        try:
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * self._page
+        except OSError:  # not Linux: only ru_maxrss is reported
+            return
+        self.peak_rss[phase] = max(self.peak_rss[phase], rss)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_SECONDS):
+            self._note_rss(self.running)
+
+
+def child(args) -> None:
+    """One generation, in this fresh process; prints its metrics as JSON lines."""
+    clock = PhaseClock()
+    import keyface.loading
+    from keyface.audio.features import AudioFeatureExtractor
+    from keyface.generate import generate_video
+    from keyface.pipeline import GenerationSettings, KeyFaceModels
+
+    clock.wrap(keyface.loading, "load_models", "load_models")
+    clock.wrap(AudioFeatureExtractor, "extract", "audio_features")
+    clock.wrap(KeyFaceModels, "encode_image", "identity")
+
+    def on_progress(event) -> None:
+        clock.charge(event.stage)
+
+    clock.charge("setup")  # the imports above
+    settings = GenerationSettings(segments_per_call=args.segments_per_call)
+    out = generate_video(args.image, args.audio, args.out, args.models, settings=settings, device=args.device,
+                         progress=on_progress)
+    clock.charge("finalise")
+    clock.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    from keyface.video import probe_media
+
+    info = probe_media(out)
+    video_seconds = info.video.num_frames / float(info.video.fps)
+    tag = f"pipeline_{args.seconds[0]:g}s"
+    emit(f"{tag}_frames", info.video.num_frames, audio_seconds=round(info.audio.duration, 3))
+    for phase in PHASES:
+        seconds = round(clock.seconds[phase], 3)
+        emit(f"{tag}_{phase}_s_per_video_s", clock.seconds[phase] / video_seconds, seconds=seconds,
+             peak_rss_mb=round(clock.peak_rss[phase] / 2**20, 1))
+    total = sum(clock.seconds.values())
+    emit(f"{tag}_total_s_per_video_s", total / video_seconds, seconds=round(total, 3),
+         segments_per_call=args.segments_per_call)
+    emit(f"{tag}_peak_rss_mb", peak / 2**20)
+
+
+def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict]:
+    from keyface.demo import write_demo_inputs
+
+    folder = work / f"{seconds:g}s"
+    image, audio = write_demo_inputs(folder, seconds)
+    command = [
+        sys.executable, __file__, "--child", "--seconds", str(seconds), "--image", str(image), "--audio", str(audio),
+        "--models", str(models), "--out", str(folder / "out.mp4"), "--device", args.device,
+        "--segments-per-call", str(args.segments_per_call),
+    ]
+    env = {**os.environ, "KEYFACE_CACHE_DIR": str(folder / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    metrics = {}
+    for line in result.stdout.splitlines():
+        print(line, flush=True)
+        if line.startswith("{"):
+            record = json.loads(line)
+            metrics[record["metric"]] = record
+    if result.returncode != 0:
+        raise SystemExit(f"the {seconds:g} s run failed (status {result.returncode})")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", nargs="+", type=float, default=[10.0, 600.0], help="clip lengths (default 10 600)")
+    parser.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per network call")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", type=Path, default=None, help="demo weights folder (default: the demo's cache)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
+    parser.add_argument("--audio", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    from keyface.demo import default_demo_folder, write_demo_weights
+
+    models = write_demo_weights(args.models or default_demo_folder())
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="keyface-bench-") as work:
+        for seconds in args.seconds:
+            results[seconds] = run_length(seconds, args, models, Path(work))
+    shortest, longest = min(results), max(results)
+    peak = {s: results[s][f"pipeline_{s:g}s_peak_rss_mb"]["value"] for s in results}
+    if longest != shortest:
+        emit(f"peak_rss_ratio_{longest:g}s_vs_{shortest:g}s", peak[longest] / peak[shortest])
+    print(f"\nseconds of wall time per second of video (tiny demo weights, {args.device}, "
+          f"{args.segments_per_call} segments per call):", file=sys.stderr)
+    print(f"{'phase':>16}" + "".join(f"{s:>12g} s" for s in results), file=sys.stderr)
+    for phase in (*PHASES, "total"):
+        row = "".join(f"{results[s][f'pipeline_{s:g}s_{phase}_s_per_video_s']['value']:>14.3f}" for s in results)
+        print(f"{phase:>16}{row}", file=sys.stderr)
+    print(f"{'peak RSS MB':>16}" + "".join(f"{peak[s]:>14.1f}" for s in results), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
