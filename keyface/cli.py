@@ -5,6 +5,7 @@ Commands:
     demo       the whole pipeline on tiny random weights and generated inputs, to see it run in a minute
     crop       find the face in an image, write the square crop, print the box as one JSON line
     convert    rewrite an original .pt checkpoint (KeyFace stage or audio encoder) as .safetensors
+    download   fetch the released weights from the Hugging Face Hub into a models folder (the only network use)
 
 Errors the user can act on are printed as one line (no traceback) with exit status 2; Ctrl-C exits with
 status 130 and says how to resume.
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", type=Path)
     convert.add_argument("target", type=Path)
+
+    download = commands.add_parser("download", help="fetch the released weights from the Hugging Face Hub")
+    download.add_argument("--models", type=Path, default=Path("models/keyface"),
+                          help="models folder to fill (default models/keyface; ComfyUI: ComfyUI/models/keyface)")
+    download.add_argument("--token", default=None, help="Hugging Face token (default: your login or HF_TOKEN)")
+    download.add_argument("--dry-run", action="store_true", help="list what would be fetched from where")
     return parser
 
 
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from .checkpoints import convert_any
 
             print(convert_any(args.source, args.target))
+        elif args.command == "download":
+            from .download import download_command
+
+            download_command(args.models, token=args.token, dry_run=args.dry_run)
     except KeyFaceError as error:
         if args.verbose:
             raise

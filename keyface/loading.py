@@ -10,7 +10,8 @@ Layout (the official release's ``pretrained_models/checkpoints`` folder works as
                                                   wav2vec2-base-960h/   (or these three next to keyframe.pt)
 
 A missing file raises :class:`~keyface.errors.MissingWeightsError` naming the file, the folder searched and
-where the file comes from. Nothing is ever downloaded.
+where the file comes from. Nothing is downloaded unless the user runs ``python -m keyface download``
+(:mod:`keyface.download`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class ModelFiles:
     audio: Path
 
 
+def download_hint(folder: Path) -> str:
+    """The command that fetches the missing files of ``folder`` (never run without the user)."""
+    return f"python -m keyface download --models {folder}"
+
+
 def find_stage_file(folder: Path, role: str) -> Path:
     """``<folder>/<stem>.safetensors|.pt|.ckpt`` for ``role`` in keyframe / interpolation / autoguidance."""
     stem = STAGE_FILE_STEMS[role]
@@ -54,7 +60,7 @@ def find_stage_file(folder: Path, role: str) -> Path:
     raise MissingWeightsError(
         f"the {role} model is missing: looked for {names} in {folder}. Download {stem}.pt from "
         f"{KEYFACE_WEIGHTS_SOURCE} into that folder (`python -m keyface convert` turns it into the recommended "
-        ".safetensors)"
+        f".safetensors), or let `{download_hint(folder)}` fetch every missing file"
     )
 
 
@@ -64,13 +70,13 @@ def find_model_files(folder: str | os.PathLike, *, autoguidance: bool = True) ->
     if not folder.is_dir():
         raise MissingWeightsError(
             f"models folder {folder} does not exist; create it and put the KeyFace weights from "
-            f"{KEYFACE_WEIGHTS_SOURCE} in it (see README: 'Weights')"
+            f"{KEYFACE_WEIGHTS_SOURCE} in it (see README: 'Weights'), or let `{download_hint(folder)}` fetch them"
         )
     vae = folder / VAE_FOLDER
     if not vae.is_dir():
         raise MissingWeightsError(
             f"the SVD VAE is missing: looked for the folder {vae} (config.json + diffusion_pytorch_model.safetensors); "
-            f"download it from {VAE_WEIGHTS_SOURCE}"
+            f"download it from {VAE_WEIGHTS_SOURCE}, or let `{download_hint(folder)}` fetch it"
         )
     audio = folder / AUDIO_FOLDER if (folder / AUDIO_FOLDER).is_dir() else folder
     return ModelFiles(

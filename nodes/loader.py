@@ -128,8 +128,11 @@ def resolve_model_file(input_name: str, name: str) -> Path:
             f"{input_name}: {name} was not found (searched {searched}), but {', '.join(siblings)} is there: "
             f"choose it in the {input_name} list"
         )
+    from keyface.loading import download_hint
+
     raise MissingWeightsError(
-        f"{input_name}: {name} was not found (searched {searched}). {_source(kind)}; put it into {roots[0]}."
+        f"{input_name}: {name} was not found (searched {searched}). {_source(kind)}; put it into {roots[0]}. "
+        f"Or run `{download_hint(host.model_roots()[0])}` in the KeyFace pack's folder: it fetches every missing file."
     )
 
 
