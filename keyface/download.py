@@ -37,29 +37,50 @@ class WeightFile:
 
     ``candidates`` are paths in ``repo``, the first one the repository has wins (``by_name``: matched against the
     file name only, anywhere in the repository). It is stored under its own file name in ``folder``, a path
-    inside the models folder ("" for the models folder itself).
+    inside the models folder ("" for the models folder itself). ``accepted``: other paths inside the models folder
+    that the loaders take instead (a converted ``.safetensors``).
     """
 
     repo: str
     candidates: tuple[str, ...]
     folder: str = ""
     by_name: bool = False
+    accepted: tuple[str, ...] = ()
 
-    def targets(self, models: Path) -> list[Path]:
-        """Where each candidate would be stored."""
-        return [models / self.folder / PurePosixPath(candidate).name for candidate in self.candidates]
+    def present(self, models: Path) -> Path | None:
+        """The file (or an accepted stand-in) already in ``models``, if any."""
+        paths = [models / self.folder / PurePosixPath(candidate).name for candidate in self.candidates]
+        return next((path for path in (*paths, *(models / name for name in self.accepted)) if path.exists()), None)
 
 
-def release_files() -> tuple[WeightFile, ...]:
-    """Every file :func:`keyface.loading.find_model_files` and the audio extractor need, in the release layout."""
+def audio_folder(models: Path) -> str:
+    """Where the audio encoders go, as :func:`keyface.loading.find_model_files` will look for them: ``audio/``,
+    unless the folder is in the release layout (encoders beside ``keyframe.pt``, no ``audio/``)."""
+    from .audio.weights import BEATS_FILE, WAVLM_FILE
+    from .loading import AUDIO_FOLDER
+
+    beside = any((models / name).exists() for name in (WAVLM_FILE, BEATS_FILE))
+    return "" if beside and not (models / AUDIO_FOLDER).is_dir() else AUDIO_FOLDER
+
+
+def release_files(audio: str = "audio") -> tuple[WeightFile, ...]:
+    """Every file :func:`keyface.loading.find_model_files` and the audio extractor need, the encoders in ``audio``
+    (see :func:`audio_folder`)."""
     from .audio.weights import BEATS_FILE, WAV2VEC2_FOLDER, WAVLM_FILE
-    from .loading import AUDIO_FOLDER, STAGE_FILE_STEMS, VAE_FOLDER
+    from .loading import ENGINE_SUFFIXES, STAGE_FILE_STEMS, VAE_FOLDER
 
-    stages = [WeightFile(KEYFACE_REPO, (f"{stem}.pt",), by_name=True) for stem in STAGE_FILE_STEMS.values()]
-    encoders = [WeightFile(KEYFACE_REPO, (name,), AUDIO_FOLDER, by_name=True) for name in (WAVLM_FILE, BEATS_FILE)]
+    stages = [
+        WeightFile(KEYFACE_REPO, (f"{stem}.pt",), by_name=True, accepted=tuple(stem + s for s in ENGINE_SUFFIXES))
+        for stem in STAGE_FILE_STEMS.values()
+    ]
+    encoders = [
+        WeightFile(KEYFACE_REPO, (name,), audio, by_name=True,
+                   accepted=(str(PurePosixPath(audio) / PurePosixPath(name).with_suffix(".safetensors")),))
+        for name in (WAVLM_FILE, BEATS_FILE)
+    ]
     vae_weights = ("vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors")
     vae = [WeightFile(VAE_REPO, ("vae/config.json",), VAE_FOLDER), WeightFile(VAE_REPO, vae_weights, VAE_FOLDER)]
-    wav2vec2_folder = f"{AUDIO_FOLDER}/{WAV2VEC2_FOLDER}"
+    wav2vec2_folder = str(PurePosixPath(audio) / WAV2VEC2_FOLDER)
     wav2vec2 = [
         WeightFile(WAV2VEC2_REPO, names, wav2vec2_folder)
         for names in (("config.json",), ("preprocessor_config.json",), ("model.safetensors", "pytorch_model.bin"))
@@ -125,8 +146,8 @@ def download_weights(
     listings: dict[str, list[str]] = {}
     placed: list[Path] = []
     staging = folder / STAGING_FOLDER
-    for weight in release_files():
-        present = next((path for path in weight.targets(folder) if path.is_file()), None)
+    for weight in release_files(audio_folder(folder)):
+        present = weight.present(folder)
         if present is not None:
             report(f"have       {present}")
             placed.append(present)

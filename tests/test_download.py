@@ -161,3 +161,23 @@ def test_a_file_as_models_folder_is_refused(hub, tmp_path, capsys):
     (tmp_path / "models").write_text("not a folder")
     assert main(["download", "--models", str(tmp_path / "models")]) == EXIT_USER_ERROR
     assert "is a file" in _one_error_line(capsys)
+
+
+def test_files_the_loaders_already_take_are_not_fetched(hub, demo_models, tmp_path):
+    """A converted keyframe.safetensors counts as present; with an encoder beside the stage files (the release
+    layout, no audio/) the other encoders join it there, where the loaders look."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(demo_models / "keyframe.safetensors", models / "keyframe.safetensors")
+    shutil.copy(demo_models / "audio" / "WavLM-Base+.pt", models / "WavLM-Base+.pt")
+    keyface.download.download_weights(models, report=lambda line: None)
+    fetched = {download.rsplit("/", 1)[-1] for download in hub.downloads}
+    assert "keyframe.pt" not in fetched and "WavLM-Base+.pt" not in fetched
+    assert {"interpolation.pt", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"} <= fetched
+    from keyface.audio.features import AudioFeatureExtractor
+    from keyface.loading import find_model_files
+
+    files = find_model_files(models)
+    assert files.keyframe.name == "keyframe.safetensors"
+    assert files.audio == models and (models / "wav2vec2-base-960h" / "config.json").is_file()
+    AudioFeatureExtractor.from_folder(files.audio, cache=None)
