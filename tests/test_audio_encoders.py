@@ -149,3 +149,43 @@ def test_nearest_indices_follow_torch_interpolate(source):
         values = torch.arange(source, dtype=torch.float32)[None, None]
         expected = torch.nn.functional.interpolate(values, size=target, mode="nearest")[0, 0].long().numpy()
         np.testing.assert_array_equal(nearest_indices(source, target), expected)
+
+
+@pytest.mark.parametrize("tokens", [1, 255, 256, 700])
+def test_blockwise_wavlm_attention_equals_the_transformers_layer(tokens):
+    """The block-of-queries attention gives the numbers of transformers' own WavLMAttention (whole-matrix)."""
+    from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+    from keyface.audio.attention import BlockwiseWavLMAttention
+
+    torch.manual_seed(0)
+    original = WavLMAttention(24, 3, num_buckets=320, max_distance=800).eval()
+    for parameter in original.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    blockwise = BlockwiseWavLMAttention(original)
+    hidden = torch.randn(1, tokens, 24)
+    with torch.no_grad():
+        expected, _, full_bias = original(hidden)
+        actual, _, bias = blockwise(hidden)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)  # float rounding only (outputs up to ~20)
+        assert torch.equal(bias.rows(0, tokens), full_bias)  # the bias handed to the next layer
+        later = WavLMAttention(24, 3, has_relative_position_bias=False).eval()
+        torch.testing.assert_close(BlockwiseWavLMAttention(later)(hidden, position_bias=bias)[0],
+                                   later(hidden, position_bias=full_bias)[0], rtol=1e-4, atol=1e-4)
+    assert set(blockwise.state_dict()) == set(original.state_dict())
+
+
+def test_beats_attention_blocks_do_not_change_the_output(monkeypatch):
+    """BEATs over 20 s (992 tokens): four query blocks give what one whole-matrix block gives."""
+    import keyface.audio.attention
+    from keyface.audio.beats import build_beats
+    from keyface.demo import TINY, randomise_
+
+    encoder = build_beats(TINY.beats_cfg())
+    randomise_(encoder.module, seed=0)
+    signal = torch.from_numpy(np.random.default_rng(1).standard_normal(20 * 16_000).astype(np.float32) * 0.1)
+    blockwise = encoder.encode(signal)
+    monkeypatch.setattr(keyface.audio.attention, "QUERY_BLOCK", 10**9)
+    whole = encoder.encode(signal)
+    assert blockwise.shape[0] > 3 * 256  # several blocks of QUERY_BLOCK = 256 queries
+    torch.testing.assert_close(blockwise, whole, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .attention import RelativePositionBias, blockwise_attention, position_gate
 from .encoders import AudioEncoder
 from .weights import BEATS_ORIGIN, file_identity, read_unilm_checkpoint
 
@@ -95,23 +96,6 @@ def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
     return (fbank - FBANK_MEAN) / (2 * FBANK_STD)
 
 
-def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Bidirectional log-spaced buckets of ``key - query`` offsets -> ``(length, length)`` long.
-
-    Half of the buckets per direction; within each half, offsets below a quarter of ``num_buckets`` get their
-    own bucket and larger ones share log-spaced buckets up to ``max_distance``.
-    """
-    offsets = torch.arange(length)[None, :] - torch.arange(length)[:, None]
-    half = num_buckets // 2
-    exact = half // 2
-    distance = offsets.abs()
-    log_bucket = exact + (
-        torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
-    ).to(torch.long)
-    log_bucket = log_bucket.clamp(max=half - 1)
-    return (offsets > 0).long() * half + torch.where(distance < exact, distance, log_bucket)
-
-
 class _PositionalConv(nn.Module):
     """Grouped conv over the sequence with weight normalisation (norm over all but the kernel axis), + GELU."""
 
@@ -147,24 +131,25 @@ class _Attention(nn.Module):
             self.grep_linear = nn.Linear(dim // heads, 8)
             self.grep_a = nn.Parameter(torch.ones(1, heads, 1, 1))
 
-    def forward(self, hidden: torch.Tensor, position_bias: torch.Tensor | None) -> torch.Tensor:
-        """``hidden``: (batch, tokens, dim); ``position_bias``: (heads, tokens, tokens) or None."""
+    def forward(self, hidden: torch.Tensor, position_bias: RelativePositionBias | None) -> torch.Tensor:
+        """``hidden``: (batch, tokens, dim) -> (batch, tokens, dim); queries attended a block at a time."""
         batch, tokens, dim = hidden.shape
 
         def split(x):
             return x.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
 
         query, key, value = split(self.q_proj(hidden)), split(self.k_proj(hidden)), split(self.v_proj(hidden))
-        bias = None
-        if position_bias is not None:
-            bias = position_bias[None]
-            if self.gated:
-                # gate from the (unscaled) projected query of each head: 8 outputs summed in two groups of 4
-                gate_a, gate_b = torch.sigmoid(
-                    self.grep_linear(query).view(batch, self.heads, tokens, 2, 4).sum(-1)
-                ).chunk(2, dim=-1)
-                bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        if position_bias is None:
+            out = blockwise_attention(query, key, value, lambda first, last: None)
+        else:
+            # the gate reads the (unscaled) projected query of each head
+            gate = position_gate(query, self.grep_linear, self.grep_a) if self.gated else None
+
+            def bias_rows(first: int, last: int) -> torch.Tensor:
+                bias = position_bias.rows(first, last)[None]
+                return bias if gate is None else gate[:, :, first:last] * bias
+
+            out = blockwise_attention(query, key, value, bias_rows)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -182,7 +167,7 @@ class _Layer(nn.Module):
         # deep norm (DeepNet, arXiv 2203.00555): residual scaled by (2 * layers) ** 1/4
         self.residual_scale = (2 * config.encoder_layers) ** 0.25 if config.deep_norm else 1.0
 
-    def forward(self, hidden: torch.Tensor, position_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_bias: RelativePositionBias | None) -> torch.Tensor:
         if self.pre_norm:
             hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), position_bias)
             return hidden + self.fc2(self.activation(self.fc1(self.final_layer_norm(hidden))))
@@ -207,8 +192,7 @@ class _Encoder(nn.Module):
             hidden = self.layer_norm(hidden)
         position_bias = None
         if self.config.relative_position_embedding:
-            buckets = relative_position_buckets(hidden.shape[1], self.config.num_buckets, self.config.max_distance)
-            position_bias = self.relative_attention_bias(buckets.to(hidden.device)).permute(2, 0, 1)
+            position_bias = RelativePositionBias(self.relative_attention_bias, hidden.shape[1], self.config.max_distance)
         for layer in self.layers:
             hidden = layer(hidden, position_bias)
         return self.layer_norm(hidden) if self.config.layer_norm_first else hidden

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
+from .attention import use_blockwise_attention
 from .encoders import STATISTICS_CHUNK_SAMPLES, AudioEncoder
 
 
@@ -63,6 +64,8 @@ class TransformersSpeechEncoder(AudioEncoder):
         if getattr(config, "add_adapter", False):
             raise CheckpointError(f"{name}: models with an output adapter (add_adapter=True) are not supported")
         self.name = name
+        if name == "wavlm":
+            use_blockwise_attention(model)  # bounded memory per window; same numbers
         self.module = model.eval()
         self.identity = identity
         self.normalisation = normalisation
