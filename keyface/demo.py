@@ -31,7 +31,8 @@ import numpy as np
 from .config import VAE_SCALE_FACTOR, DecoderConfig, StageConfig, UNetConfig
 from .errors import InputError
 
-DEMO_WEIGHTS_FORMAT = "keyface-demo-weights-v2"
+DEMO_WEIGHTS_FAMILY = "keyface-demo-weights"  # any version: a demo set, which a newer one may replace
+DEMO_WEIGHTS_FORMAT = f"{DEMO_WEIGHTS_FAMILY}-v2"
 DEMO_WEIGHTS_FOLDER = "demo-weights"  # under keyface.paths.default_cache_root()
 MARKER_FILE = "keyface_demo.json"  # written last: a folder holding it with the same content is complete
 
@@ -293,11 +294,13 @@ def _marker(seed: int) -> dict:
 
 
 def _read_marker(folder: Path) -> dict | None:
+    """The marker of a demo set of any version (an older one is replaced, never refused), else None."""
     try:
         marker = json.loads((folder / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("format") == DEMO_WEIGHTS_FORMAT else None
+    is_demo = isinstance(marker, dict) and str(marker.get("format", "")).startswith(DEMO_WEIGHTS_FAMILY)
+    return marker if is_demo else None
 
 
 def _is_complete(folder: Path, seed: int) -> bool:

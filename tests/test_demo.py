@@ -82,6 +82,10 @@ def test_demo_weights_are_written_once_and_atomically(tmp_path):
     (folder / "interpolation.safetensors").unlink()  # an incomplete set is rewritten
     write_demo_weights(folder, seed=4)
     assert (folder / "interpolation.safetensors").is_file()
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    (folder / MARKER_FILE).write_text(json.dumps({**marker, "format": "keyface-demo-weights-v1"}))
+    write_demo_weights(folder, seed=4)  # a set of an older version is replaced, not refused
+    assert json.loads((folder / MARKER_FILE).read_text())["format"] == marker["format"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]  # no temporary folder left behind
 
 
