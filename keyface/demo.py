@@ -532,8 +532,8 @@ def run_demo(out: str | os.PathLike, seconds: float = 3.0, models_folder: str | 
         "running end to end (audio features, keyframes, interpolation, decoding, mp4), not a talking head.\n"
         f"For real videos get the weights listed in README.md, section 'Weights' ({KEYFACE_WEIGHTS_SOURCE}: "
         "keyframe.pt, interpolation.pt, interpolation_bad.pt; the SVD VAE; the WavLM, BEATs and wav2vec2 "
-        "audio encoders) and run: python -m keyface generate --image face.png --audio talk.wav --out talk.mp4 "
-        "--models <that folder>"
+        "audio encoders; python -m keyface download --models <folder> fetches them) and run: python -m keyface "
+        "generate --image face.png --audio talk.wav --out talk.mp4 --models <folder>"
     )
     return path
 
