@@ -8,7 +8,8 @@ JSON line per measurement, e.g. ``{"metric": "unet_forward_fullsize_bf16_batch3_
     python bench/unet_forward.py --device cuda --precisions fp16 bf16 --batches 1 3 --repeats 3
 
 Building the network needs about 6 GB of memory for the float32 weights. On CPUs without native bf16
-(no AVX512-BF16 / AMX) bf16 autocast convolutions are emulated and run about 100x slower than float32.
+(no AVX512-BF16 / AMX) bf16 autocast convolutions are emulated and run several times slower than float32
+(a 320-channel 3x3 conv over 14 frames at 64x64: 8.7x on an AVX2 CPU).
 """
 
 from __future__ import annotations
