@@ -46,19 +46,13 @@ class KeyFaceUNet(UNetSpatioTemporalConditionModel):
         sample_size: int | None = None,
     ):
         super().__init__(
-            sample_size=sample_size,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            block_out_channels=block_out_channels,
+            sample_size=sample_size, num_frames=num_frames, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            down_block_types=down_block_types, up_block_types=up_block_types,
+            cross_attention_dim=cross_attention_dim, num_attention_heads=num_attention_heads,
+            transformer_layers_per_block=transformer_layers_per_block,
             addition_time_embed_dim=addition_time_embed_dim,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
-            layers_per_block=layers_per_block,
-            cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
-            num_attention_heads=num_attention_heads,
-            num_frames=num_frames,
         )
         for block in self.modules():
             if isinstance(block, SpatioTemporalResBlock):
