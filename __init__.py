@@ -13,7 +13,7 @@ _PACK_FOLDER = os.path.dirname(os.path.abspath(__file__))
 if importlib.util.find_spec("keyface") is None:
     sys.path.append(_PACK_FOLDER)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402 (the pack folder goes on sys.path first)
 
 WEB_DIRECTORY = "./web"
 

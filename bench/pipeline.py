@@ -107,8 +107,9 @@ def child(args) -> None:
 
     clock.charge("setup")  # the imports above
     settings = GenerationSettings(segments_per_call=args.segments_per_call)
-    out = generate_video(args.image, args.audio, args.out, args.models, settings=settings, device=args.device,
-                         progress=on_progress)
+    out = generate_video(
+        args.image, args.audio, args.out, args.models, settings=settings, device=args.device, progress=on_progress
+    )
     clock.charge("finalise")
     clock.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
@@ -120,11 +121,19 @@ def child(args) -> None:
     emit(f"{tag}_frames", info.video.num_frames, audio_seconds=round(info.audio.duration, 3))
     for phase in PHASES:
         seconds = round(clock.seconds[phase], 3)
-        emit(f"{tag}_{phase}_s_per_video_s", clock.seconds[phase] / video_seconds, seconds=seconds,
-             peak_rss_mb=round(clock.peak_rss[phase] / 2**20, 1))
+        emit(
+            f"{tag}_{phase}_s_per_video_s",
+            clock.seconds[phase] / video_seconds,
+            seconds=seconds,
+            peak_rss_mb=round(clock.peak_rss[phase] / 2**20, 1),
+        )
     total = sum(clock.seconds.values())
-    emit(f"{tag}_total_s_per_video_s", total / video_seconds, seconds=round(total, 3),
-         segments_per_call=args.segments_per_call)
+    emit(
+        f"{tag}_total_s_per_video_s",
+        total / video_seconds,
+        seconds=round(total, 3),
+        segments_per_call=args.segments_per_call,
+    )
     emit(f"{tag}_peak_rss_mb", peak / 2**20)
 
 
@@ -134,9 +143,23 @@ def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict
     folder = work / f"{seconds:g}s"
     image, audio = write_demo_inputs(folder, seconds)
     command = [
-        sys.executable, __file__, "--child", "--seconds", str(seconds), "--image", str(image), "--audio", str(audio),
-        "--models", str(models), "--out", str(folder / "out.mp4"), "--device", args.device,
-        "--segments-per-call", str(args.segments_per_call),
+        sys.executable,
+        __file__,
+        "--child",
+        "--seconds",
+        str(seconds),
+        "--image",
+        str(image),
+        "--audio",
+        str(audio),
+        "--models",
+        str(models),
+        "--out",
+        str(folder / "out.mp4"),
+        "--device",
+        args.device,
+        "--segments-per-call",
+        str(args.segments_per_call),
     ]
     env = {**os.environ, "KEYFACE_CACHE_DIR": str(folder / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -176,8 +199,11 @@ def main() -> None:
     peak = {s: results[s][f"pipeline_{s:g}s_peak_rss_mb"]["value"] for s in results}
     if longest != shortest:
         emit(f"peak_rss_ratio_{longest:g}s_vs_{shortest:g}s", peak[longest] / peak[shortest])
-    print(f"\nseconds of wall time per second of video (tiny demo weights, {args.device}, "
-          f"{args.segments_per_call} segments per call):", file=sys.stderr)
+    print(
+        f"\nseconds of wall time per second of video (tiny demo weights, {args.device}, "
+        f"{args.segments_per_call} segments per call):",
+        file=sys.stderr,
+    )
     print(f"{'phase':>16}" + "".join(f"{s:>12g} s" for s in results), file=sys.stderr)
     for phase in (*PHASES, "total"):
         row = "".join(f"{results[s][f'pipeline_{s:g}s_{phase}_s_per_video_s']['value']:>14.3f}" for s in results)

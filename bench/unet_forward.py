@@ -65,23 +65,33 @@ def main() -> None:
     config = StageConfig.official("keyframe")
     start = time.perf_counter()
     unet = KeyFaceUNet.from_unet_config(config.unet).to(device).eval()
-    print(json.dumps({"metric": "unet_build_fullsize_s", "value": round(time.perf_counter() - start, 2),
-                      "device": str(device)}), flush=True)
+    print(
+        json.dumps(
+            {"metric": "unet_build_fullsize_s", "value": round(time.perf_counter() - start, 2), "device": str(device)}
+        ),
+        flush=True,
+    )
     for precision in args.precisions:
         for batch in args.batches:
             if args.warmup:
                 forward_seconds(unet, batch, precision, device, config.latent_size)
-            seconds = min(forward_seconds(unet, batch, precision, device, config.latent_size)
-                          for _ in range(args.repeats))
-            print(json.dumps({
-                "metric": f"unet_forward_fullsize_{precision}_batch{batch}_s",
-                "value": round(seconds, 3),
-                "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                "threads": torch.get_num_threads(),
-                "frames": batch * config.unet.num_frames,
-                "latent": config.latent_size,
-                "autocast": precision != "fp32",
-            }), flush=True)
+            seconds = min(
+                forward_seconds(unet, batch, precision, device, config.latent_size) for _ in range(args.repeats)
+            )
+            print(
+                json.dumps(
+                    {
+                        "metric": f"unet_forward_fullsize_{precision}_batch{batch}_s",
+                        "value": round(seconds, 3),
+                        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                        "threads": torch.get_num_threads(),
+                        "frames": batch * config.unet.num_frames,
+                        "latent": config.latent_size,
+                        "autocast": precision != "fp32",
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -453,9 +453,7 @@ def _read_safetensors(path: Path, prefixes: tuple[str, ...] | None = None) -> tu
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {
-                key: handle.get_tensor(key)
-                for key in handle.keys()
-                if prefixes is None or key.startswith(prefixes)
+                key: handle.get_tensor(key) for key in handle.keys() if prefixes is None or key.startswith(prefixes)
             }
     except (SafetensorError, OSError) as exc:
         raise _damaged(path, "safetensors", exc) from None
@@ -865,7 +863,9 @@ def _write_stage_file(tensors: dict[str, torch.Tensor], dst: Path, config: Stage
     contiguous = {}
     for key, tensor in tensors.items():
         storage = tensor.untyped_storage().data_ptr()
-        contiguous[key] = tensor.clone() if storage in seen else tensor.contiguous()  # safetensors refuses shared memory
+        contiguous[key] = (
+            tensor.clone() if storage in seen else tensor.contiguous()
+        )  # safetensors refuses shared memory
         seen.add(storage)
     partial = dst.with_name(dst.name + ".partial")
     try:
@@ -970,4 +970,6 @@ def convert_any(source: str | Path, target: str | Path) -> str:
         )
     config = resolve_stage_config(checkpoint)
     _write_stage_file(checkpoint.tensors, dst, config)
-    return f"wrote {dst}: {config.kind} stage, {len(checkpoint.tensors)} tensors (original names, config in the metadata)"
+    return (
+        f"wrote {dst}: {config.kind} stage, {len(checkpoint.tensors)} tensors (original names, config in the metadata)"
+    )

@@ -31,35 +31,73 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     from .sampling import AUTOGUIDANCE_SCALE, DEFAULT_NUM_STEPS, KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
 
     group = parser.add_argument_group("generation")
-    group.add_argument("--emotion", default="neutral",
-                       help="a name (happy), a timed list ('neutral at 0 s, happy at 4 s') or emotion JSON (a file "
-                            "path works too); default neutral")
+    group.add_argument(
+        "--emotion",
+        default="neutral",
+        help="a name (happy), a timed list ('neutral at 0 s, happy at 4 s') or emotion JSON (a file "
+        "path works too); default neutral",
+    )
     group.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    group.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS,
-                       help=f"sampler steps setting, >= 10 (default {DEFAULT_NUM_STEPS} = 11 network evaluations)")
-    group.add_argument("--audio-scale", type=float, default=KEYFRAME_AUDIO_SCALE,
-                       help=f"keyframe audio guidance (default {KEYFRAME_AUDIO_SCALE})")
-    group.add_argument("--identity-scale", type=float, default=KEYFRAME_IDENTITY_SCALE,
-                       help=f"keyframe identity guidance (default {KEYFRAME_IDENTITY_SCALE})")
-    group.add_argument("--autoguidance-scale", type=float, default=AUTOGUIDANCE_SCALE,
-                       help=f"interpolation autoguidance (default {AUTOGUIDANCE_SCALE}; 1 = no bad model needed)")
-    group.add_argument("--schedule", choices=("aligned", "reference"), default="aligned",
-                       help="aligned (default): every frame gets its own audio; reference: the original's "
-                            "arithmetic, quirks included")
-    group.add_argument("--segments-per-call", type=int, default=DEFAULT_SEGMENTS_PER_CALL,
-                       help=f"interpolation segments per network call (default {DEFAULT_SEGMENTS_PER_CALL})")
+    group.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_NUM_STEPS,
+        help=f"sampler steps setting, >= 10 (default {DEFAULT_NUM_STEPS} = 11 network evaluations)",
+    )
+    group.add_argument(
+        "--audio-scale",
+        type=float,
+        default=KEYFRAME_AUDIO_SCALE,
+        help=f"keyframe audio guidance (default {KEYFRAME_AUDIO_SCALE})",
+    )
+    group.add_argument(
+        "--identity-scale",
+        type=float,
+        default=KEYFRAME_IDENTITY_SCALE,
+        help=f"keyframe identity guidance (default {KEYFRAME_IDENTITY_SCALE})",
+    )
+    group.add_argument(
+        "--autoguidance-scale",
+        type=float,
+        default=AUTOGUIDANCE_SCALE,
+        help=f"interpolation autoguidance (default {AUTOGUIDANCE_SCALE}; 1 = no bad model needed)",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=("aligned", "reference"),
+        default="aligned",
+        help="aligned (default): every frame gets its own audio; reference: the original's arithmetic, quirks included",
+    )
+    group.add_argument(
+        "--segments-per-call",
+        type=int,
+        default=DEFAULT_SEGMENTS_PER_CALL,
+        help=f"interpolation segments per network call (default {DEFAULT_SEGMENTS_PER_CALL})",
+    )
     group.add_argument("--fps", type=float, default=25.0, help="output frame rate; the models are trained at 25")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="network precision (auto: bf16/fp16 on GPU, fp32 on CPU)")
-    group.add_argument("--crop", default="center",
-                       help="identity crop: center (default), auto (face detection) or x,y,size in source pixels")
-    group.add_argument("--paste-back", action="store_true",
-                       help="paste the animated face back into the full original picture")
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="network precision (auto: bf16/fp16 on GPU, fp32 on CPU)",
+    )
+    group.add_argument(
+        "--crop",
+        default="center",
+        help="identity crop: center (default), auto (face detection) or x,y,size in source pixels",
+    )
+    group.add_argument(
+        "--paste-back", action="store_true", help="paste the animated face back into the full original picture"
+    )
     group.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; default 18)")
-    group.add_argument("--job-dir", type=Path, default=None,
-                       help="where finished work is kept so that an interrupted run resumes "
-                            "(default: .<output name>.keyface-job next to the output)")
+    group.add_argument(
+        "--job-dir",
+        type=Path,
+        default=None,
+        help="where finished work is kept so that an interrupted run resumes "
+        "(default: .<output name>.keyface-job next to the output)",
+    )
     group.add_argument("--keep-job", action="store_true", help="keep the job folder after success")
 
 
@@ -72,16 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", required=True, type=Path, help="portrait image (or a video: its first frame)")
     generate.add_argument("--audio", required=True, type=Path, help="audio file (wav/mp3/flac/m4a/ogg or a video)")
     generate.add_argument("--out", required=True, type=Path, help="output .mp4")
-    generate.add_argument("--models", type=Path, default=Path("models/keyface"),
-                          help="KeyFace models folder (default models/keyface; see README 'Weights')")
+    generate.add_argument(
+        "--models",
+        type=Path,
+        default=Path("models/keyface"),
+        help="KeyFace models folder (default models/keyface; see README 'Weights')",
+    )
     _add_generation_options(generate)
 
     demo = commands.add_parser("demo", help="run everything on tiny random weights (the result is noise)")
     demo.add_argument("--out", type=Path, default=Path("keyface_demo.mp4"), help="output .mp4")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated speech-like audio")
-    demo.add_argument("--models", type=Path, default=None,
-                      help="where to write the tiny demo weights (default: a folder in the KeyFace cache); a new or "
-                           "empty folder, e.g. ComfyUI/models/keyface to try the example workflows")
+    demo.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="where to write the tiny demo weights (default: a folder in the KeyFace cache); a new or "
+        "empty folder, e.g. ComfyUI/models/keyface to try the example workflows",
+    )
     demo.add_argument("--weights-only", action="store_true", help="only write the demo weights, make no video")
 
     crop = commands.add_parser("crop", help="write the square face crop of an image; print its box as JSON")
@@ -99,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("target", type=Path)
 
     download = commands.add_parser("download", help="fetch the released weights from the Hugging Face Hub")
-    download.add_argument("--models", type=Path, default=Path("models/keyface"),
-                          help="models folder to fill (default models/keyface; ComfyUI: ComfyUI/models/keyface)")
+    download.add_argument(
+        "--models",
+        type=Path,
+        default=Path("models/keyface"),
+        help="models folder to fill (default models/keyface; ComfyUI: ComfyUI/models/keyface)",
+    )
     download.add_argument("--token", default=None, help="Hugging Face token (default: your login or HF_TOKEN)")
     download.add_argument("--dry-run", action="store_true", help="list what would be fetched from where")
     return parser

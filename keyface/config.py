@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .constants import FRAMES_PER_CLIP
 from .errors import InputError
 
 StageKind = Literal["keyframe", "interpolation"]
@@ -28,9 +29,6 @@ VAE_SCALE_FACTOR = 0.18215
 
 STAGE_CONFIG_FORMAT = "keyface-stage-config-v1"
 FIXTURE_CONFIG_FORMAT_PREFIX = "keyface-fixture-config"
-
-# Frames per clip / segment in both stages (spec §0).
-FRAMES_PER_CLIP = 14
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,15 @@ class UNetConfig:
                 f"UNetConfig: attention_per_level has {len(self.attention_per_level)} entries but "
                 f"block_out_channels has {len(self.block_out_channels)}; give one per resolution level"
             )
-        for name in ("in_channels", "out_channels", "layers_per_block", "transformer_layers_per_block",
-                     "num_head_channels", "context_dim", "num_frames"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "layers_per_block",
+            "transformer_layers_per_block",
+            "num_head_channels",
+            "context_dim",
+            "num_frames",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"UNetConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.emotion_embedding_dim < 0 or self.emotion_embedding_dim % 2:

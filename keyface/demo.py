@@ -146,13 +146,21 @@ class TinySizes:
     def wavlm_cfg(self) -> dict:
         """A unilm WavLM ``cfg`` (Base+ structure, tiny widths)."""
         layers = " + ".join(f"[({self.encoder_conv_dim},{k},{s})]" for k, s in CONV_STACK)
-        return {**self._transformer_cfg(), "extractor_mode": "default", "conv_feature_layers": layers,
-                "normalize": False}
+        return {
+            **self._transformer_cfg(),
+            "extractor_mode": "default",
+            "conv_feature_layers": layers,
+            "normalize": False,
+        }
 
     def beats_cfg(self) -> dict:
         """A unilm BEATs ``cfg`` (iter3+ structure, tiny widths)."""
-        return {**self._transformer_cfg(), "input_patch_size": BEATS_PATCH, "embed_dim": self.beats_patch_dim,
-                "deep_norm": True}
+        return {
+            **self._transformer_cfg(),
+            "input_patch_size": BEATS_PATCH,
+            "embed_dim": self.beats_patch_dim,
+            "deep_norm": True,
+        }
 
     def wav2vec2_config(self) -> dict:
         """A transformers ``Wav2Vec2Config`` (wav2vec2-base-960h structure, tiny widths)."""
@@ -273,8 +281,9 @@ def _write_audio_encoders(folder: Path, seed: int) -> None:
 
     folder.mkdir()
     wavlm = randomise_(build_wavlm(TINY.wavlm_cfg()).module, _file_seed(seed, WAVLM_FILE))
-    save_unilm_checkpoint(folder / WAVLM_FILE, TINY.wavlm_cfg(),
-                          wavlm_state_dict_to_unilm(wavlm.state_dict(), TINY.wavlm_cfg()))
+    save_unilm_checkpoint(
+        folder / WAVLM_FILE, TINY.wavlm_cfg(), wavlm_state_dict_to_unilm(wavlm.state_dict(), TINY.wavlm_cfg())
+    )
     config = BEATsConfig.from_cfg(TINY.beats_cfg())
     beats = randomise_(BEATsModel(config), _file_seed(seed, BEATS_FILE))
     save_unilm_checkpoint(folder / BEATS_FILE, TINY.beats_cfg(), beats_state_dict_to_unilm(beats.state_dict(), config))
@@ -454,8 +463,11 @@ def speech_like_waveform(seconds: float, sample_rate: int = DEMO_SAMPLE_RATE, se
         phases = phase + 2 * np.pi * np.cumsum(pitch) / sample_rate
         phase = float(phases[-1])
         frequencies = harmonics * pitch[None]
-        gains = (np.exp(-(((frequencies - formant1) / 150) ** 2))
-                 + 0.6 * np.exp(-(((frequencies - formant2) / 200) ** 2)) + 0.05) / harmonics
+        gains = (
+            np.exp(-(((frequencies - formant1) / 150) ** 2))
+            + 0.6 * np.exp(-(((frequencies - formant2) / 200) ** 2))
+            + 0.05
+        ) / harmonics
         voiced = (gains * np.sin(harmonics * phases[None])).sum(axis=0)
         out[first:last] = envelope * voiced + 0.3 * burst * rng.standard_normal(t.shape[0])
     peak = float(np.abs(out).max())
@@ -483,7 +495,7 @@ def check_seconds(seconds: float, name: str = "--seconds") -> float:
 def write_demo_inputs(folder: str | os.PathLike, seconds: float = 3.0) -> tuple[Path, Path]:
     """Write ``portrait.png`` (a drawn face, as large as the identity crop so that it is not enlarged) and
     ``speech.wav`` (speech-like, 16 kHz mono, ``seconds`` long) into ``folder``; returns their paths."""
-    from .generate import RELEASED_IMAGE_SIZE
+    from .constants import RELEASED_IMAGE_SIZE
     from .video import write_image
 
     seconds = check_seconds(seconds)
@@ -516,15 +528,23 @@ def run_demo(out: str | os.PathLike, seconds: float = 3.0, models_folder: str | 
     seconds = check_seconds(seconds)
     models = Path(models_folder).expanduser() if models_folder is not None else default_demo_folder()
     check_demo_folder(models)
-    print(f"KeyFace demo: tiny random-weight models in {models} (written once), a drawn portrait and "
-          f"{seconds:g} s of synthetic speech", flush=True)
+    print(
+        f"KeyFace demo: tiny random-weight models in {models} (written once), a drawn portrait and "
+        f"{seconds:g} s of synthetic speech",
+        flush=True,
+    )
     write_demo_weights(models)
     with tempfile.TemporaryDirectory(prefix="keyface-demo-") as inputs:
         image, audio = write_demo_inputs(inputs, seconds)
         with progress_bar() as (on_progress, on_audio):
             path = generate_video(
-                image, audio, out, models, emotion=f"neutral at 0 s, happy at {seconds / 2:g} s",
-                progress=on_progress, audio_progress=on_audio,
+                image,
+                audio,
+                out,
+                models,
+                emotion=f"neutral at 0 s, happy at {seconds / 2:g} s",
+                progress=on_progress,
+                audio_progress=on_audio,
             )
     print(
         f"wrote {path} ({seconds:g} s, {TINY.image_size}x{TINY.image_size} pixels, with the audio).\n"
@@ -544,8 +564,10 @@ def install_demo_weights(folder: str | os.PathLike | None = None) -> Path:
     folder = Path(folder).expanduser() if folder is not None else default_demo_folder()
     check_demo_folder(folder)
     write_demo_weights(folder)
-    print(f"wrote the KeyFace demo weights to {folder}: tiny networks ({TINY.image_size}x{TINY.image_size} pixels) "
-          "with random weights, in the release layout. Every workflow and command runs on them, and every video "
-          "they make is noise. Replace the folder's contents with the real weights (README.md, 'Weights') for "
-          "real videos.")
+    print(
+        f"wrote the KeyFace demo weights to {folder}: tiny networks ({TINY.image_size}x{TINY.image_size} pixels) "
+        "with random weights, in the release layout. Every workflow and command runs on them, and every video "
+        "they make is noise. Replace the folder's contents with the real weights (README.md, 'Weights') for "
+        "real videos."
+    )
     return folder

@@ -74,8 +74,13 @@ def release_files(audio: str = "audio") -> tuple[WeightFile, ...]:
         for stem in STAGE_FILE_STEMS.values()
     ]
     encoders = [
-        WeightFile(KEYFACE_REPO, (name,), audio, by_name=True,
-                   accepted=(str(PurePosixPath(audio) / PurePosixPath(name).with_suffix(".safetensors")),))
+        WeightFile(
+            KEYFACE_REPO,
+            (name,),
+            audio,
+            by_name=True,
+            accepted=(str(PurePosixPath(audio) / PurePosixPath(name).with_suffix(".safetensors")),),
+        )
         for name in (WAVLM_FILE, BEATS_FILE)
     ]
     vae_weights = ("vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors")
@@ -101,14 +106,18 @@ def _describe_hub_error(error: Exception, repo: str) -> str:
 
     page = f"{HUB_URL}/{repo}"
     if isinstance(error, errors.GatedRepoError):
-        return (f"{repo} is gated: open {page}, accept its licence, then log in with `hf auth login` (or set "
-                "HF_TOKEN) and run the command again")
+        return (
+            f"{repo} is gated: open {page}, accept its licence, then log in with `hf auth login` (or set "
+            "HF_TOKEN) and run the command again"
+        )
     if isinstance(error, errors.RepositoryNotFoundError):
         return f"the Hub answered that {repo} does not exist or is private ({page}); check the name and your login"
     if isinstance(error, errors.HfHubHTTPError):
         return f"downloading from {page} failed: {error}"
-    return (f"could not reach {HUB_URL} ({error}); check the connection (HF_HUB_OFFLINE must not be set), or "
-            "put the files into the folder by hand (README, 'Weights')")
+    return (
+        f"could not reach {HUB_URL} ({error}); check the connection (HF_HUB_OFFLINE must not be set), or "
+        "put the files into the folder by hand (README, 'Weights')"
+    )
 
 
 def _choose(weight: WeightFile, listing: list[str]) -> str:
@@ -193,8 +202,9 @@ def _free_space(folder: Path) -> str:
     return f"{shutil.disk_usage(existing).free / 2**30:.1f} GiB"
 
 
-def download_command(folder: str | os.PathLike, *, token: str | None = None, dry_run: bool = False,
-                     report: Callable[[str], None] = print) -> list[Path]:
+def download_command(
+    folder: str | os.PathLike, *, token: str | None = None, dry_run: bool = False, report: Callable[[str], None] = print
+) -> list[Path]:
     """``python -m keyface download``: :func:`download_weights` then a check that the folder is complete."""
     placed = download_weights(folder, token=token, dry_run=dry_run, report=report)
     if dry_run:
@@ -203,6 +213,8 @@ def download_command(folder: str | os.PathLike, *, token: str | None = None, dry
     from .loading import find_model_files
 
     find_model_files(folder)
-    report(f"the KeyFace weights are complete in {folder}; run: python -m keyface generate --image face.png "
-           f"--audio talk.wav --out talk.mp4 --models {folder}")
+    report(
+        f"the KeyFace weights are complete in {folder}; run: python -m keyface generate --image face.png "
+        f"--audio talk.wav --out talk.mp4 --models {folder}"
+    )
     return placed

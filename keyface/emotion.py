@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio.io import VIDEO_FPS
+from .constants import VIDEO_FPS
 from .errors import InputError
 
 EMOTION_FORMAT = "keyface-emotion-v1"

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import InputError, KeyFaceError
 from .identity import (
-    MODEL_RESOLUTION,
+    RELEASED_IMAGE_SIZE,
     CropInfo,
     center_box,
     check_box,
@@ -391,7 +391,7 @@ def crop_face(
     image: Any,
     crop: Any = "auto",
     *,
-    size: int = MODEL_RESOLUTION,
+    size: int = RELEASED_IMAGE_SIZE,
     margin: float = DEFAULT_MARGIN,
     face_index: int | None = None,
     on_no_face: Literal["error", "center"] = "error",

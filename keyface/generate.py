@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
+from .constants import RELEASED_IMAGE_SIZE, VIDEO_FPS
 from .errors import InputError
 from .pipeline import Conditioning, GenerationSettings, ProgressCallback, TalkingHeadJob
-from .schedule import FRAMES_PER_SECOND, REFERENCE
+from .schedule import REFERENCE
 
 logger = logging.getLogger(__name__)
 
 # The image size of the released models (spec §4); crops are made at this size and resized to the model's.
-RELEASED_IMAGE_SIZE = 512
 
 
 def read_emotion_argument(value: str) -> str:
@@ -37,10 +36,10 @@ def read_emotion_argument(value: str) -> str:
 
 def check_frame_rate(fps: float) -> None:
     """The networks were trained on 25-fps clips (13 frames between keyframes = 0.52 s): refuse other rates."""
-    if fps != FRAMES_PER_SECOND:
+    if fps != VIDEO_FPS:
         raise InputError(
-            f"fps={fps:g}: the KeyFace models are trained at {FRAMES_PER_SECOND} fps (keyframes 0.52 s apart); "
-            f"generate at {FRAMES_PER_SECOND} fps and retime the video afterwards if you need another rate"
+            f"fps={fps:g}: the KeyFace models are trained at {VIDEO_FPS} fps (keyframes 0.52 s apart); "
+            f"generate at {VIDEO_FPS} fps and retime the video afterwards if you need another rate"
         )
 
 
@@ -57,7 +56,7 @@ def generate_video(
     crop: str = "center",
     paste_back: bool = False,
     crf: int = 18,
-    fps: float = FRAMES_PER_SECOND,
+    fps: float = VIDEO_FPS,
     job_dir: str | os.PathLike | None = None,
     keep_job: bool = False,
     progress: ProgressCallback | None = None,
@@ -90,8 +89,9 @@ def generate_video(
     with writer:
         models = load_models(files, torch_device, dtype)
         extractor = AudioFeatureExtractor.from_folder(files.audio, device=torch_device)
-        features = extractor.extract(clip, mode="reference" if settings.schedule == REFERENCE else "default",
-                                     progress=audio_progress)
+        features = extractor.extract(
+            clip, mode="reference" if settings.schedule == REFERENCE else "default", progress=audio_progress
+        )
         valence, arousal = curve.per_frame(features.num_frames)
         conditioning = Conditioning(
             models.encode_image(face.image), features.keyframe, features.interpolation, valence, arousal
@@ -156,10 +156,22 @@ def generate_from_files(args) -> Path:
     )
     with progress_bar() as (on_progress, on_audio):
         out = generate_video(
-            args.image, args.audio, args.out, args.models, emotion=args.emotion, settings=settings,
-            device=args.device, precision=args.precision, crop=args.crop, paste_back=args.paste_back,
-            crf=args.crf, fps=args.fps, job_dir=args.job_dir, keep_job=args.keep_job,
-            progress=on_progress, audio_progress=on_audio,
+            args.image,
+            args.audio,
+            args.out,
+            args.models,
+            emotion=args.emotion,
+            settings=settings,
+            device=args.device,
+            precision=args.precision,
+            crop=args.crop,
+            paste_back=args.paste_back,
+            crf=args.crf,
+            fps=args.fps,
+            job_dir=args.job_dir,
+            keep_job=args.keep_job,
+            progress=on_progress,
+            audio_progress=on_audio,
         )
     print(f"wrote {out}")
     return out

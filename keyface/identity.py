@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from .constants import RELEASED_IMAGE_SIZE
 from .errors import InputError
 
-MODEL_RESOLUTION = 512  # spec §4: identity frames are resized to 512x512 before the VAE encoder
 # Transparent pixels are composited on mid grey: neither a white nor a black halo around cut-out portraits.
 RGBA_BACKGROUND = (128, 128, 128)
 UINT16_TO_UINT8 = 257  # 65535 / 255
@@ -223,7 +223,7 @@ def cut_box(image: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     """The ``size`` x ``size`` square at ``(x, y)``; parts outside the image repeat its nearest edge pixels."""
     x, y, size = box
     height, width = image.shape[:2]
-    if 0 <= x and x + size <= width and 0 <= y and y + size <= height:
+    if x >= 0 and x + size <= width and y >= 0 and y + size <= height:
         return image[y : y + size, x : x + size]
     rows = np.clip(np.arange(y, y + size), 0, height - 1)
     cols = np.clip(np.arange(x, x + size), 0, width - 1)
@@ -252,7 +252,7 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def square_crop(
-    image: np.ndarray, box: tuple[float, float, float] | None = None, size: int = MODEL_RESOLUTION
+    image: np.ndarray, box: tuple[float, float, float] | None = None, size: int = RELEASED_IMAGE_SIZE
 ) -> tuple[np.ndarray, CropInfo]:
     """Cut a square from a uint8 RGB image and resize it to ``size`` x ``size`` for the model.
 

@@ -24,6 +24,7 @@ import torch
 
 from .checkpoints import KEYFACE_WEIGHTS_SOURCE, VAE_WEIGHTS_SOURCE
 from .errors import InputError, MissingWeightsError
+from .files import file_identity
 
 ENGINE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 STAGE_FILE_STEMS = {"keyframe": "keyframe", "interpolation": "interpolation", "autoguidance": "interpolation_bad"}
@@ -117,13 +118,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def file_identity(path: Path) -> str:
-    """``name:size:mtime`` of a file or of every file in a folder: what a job fingerprint remembers of weights."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
-
-
 def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load both stages, the autoguidance network and the VAE parts onto ``device``.
 
@@ -142,7 +136,9 @@ def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: to
         keyframe=load_keyframe_model(files.keyframe, device=device, dtype=dtype),
         interpolation=load_interpolation_model(files.interpolation, device=device, dtype=dtype),
         autoguidance=(
-            None if files.autoguidance is None else load_autoguidance_network(files.autoguidance, device=device, dtype=dtype)
+            None
+            if files.autoguidance is None
+            else load_autoguidance_network(files.autoguidance, device=device, dtype=dtype)
         ),
         decoder=load_frame_decoder(files.interpolation, device=device),
         keyframe_decoder=load_frame_decoder(files.keyframe, device=device),

@@ -125,7 +125,9 @@ class SeededNoise(NoiseSource):
             groups = [shared, separate]
             seeds = [seed, segment_seed]
         self._streams = [_ReplayStream(s, [self.draws[i].shape for i in group]) for s, group in zip(seeds, groups)]
-        self._where = {index: (stream, local) for stream, group in enumerate(groups) for local, index in enumerate(group)}
+        self._where = {
+            index: (stream, local) for stream, group in enumerate(groups) for local, index in enumerate(group)
+        }
 
     def draw(self, index: int) -> torch.Tensor:
         stream, local = self._where[index]

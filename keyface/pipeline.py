@@ -89,8 +89,10 @@ class GenerationSettings:
                 raise InputError(f"{name} must be a finite number, got {value!r}")
         if self.schedule not in SCHEDULE_MODES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {self.schedule!r}")
-        if isinstance(self.segments_per_call, bool) or not isinstance(self.segments_per_call, int) or (
-            self.segments_per_call < 1
+        if (
+            isinstance(self.segments_per_call, bool)
+            or not isinstance(self.segments_per_call, int)
+            or (self.segments_per_call < 1)
         ):
             raise InputError(f"segments_per_call must be an integer >= 1, got {self.segments_per_call!r}")
         for name in ("seed", "interpolation_seed"):
@@ -498,8 +500,11 @@ class TalkingHeadJob:
 
     def _batches_needed(self, segments: set[int]) -> int:
         frames = self.schedule.frames_per_clip
-        batches = {slot // frames for k in segments for slot in (self.schedule.segments[k].start_slot,
-                                                                  self.schedule.segments[k].end_slot)}
+        batches = {
+            slot // frames
+            for k in segments
+            for slot in (self.schedule.segments[k].start_slot, self.schedule.segments[k].end_slot)
+        }
         return len(batches)
 
     def _frames(self, start: int, stop: int) -> Iterator[torch.Tensor]:

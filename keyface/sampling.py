@@ -92,11 +92,7 @@ class KeyframeBranches:
 
     def guided(self, audio_scale: float, identity_scale: float) -> torch.Tensor:
         """``uc + identity_scale * (ref - uc) + audio_scale * (full - ref)``."""
-        return (
-            self.uncond
-            + identity_scale * (self.identity - self.uncond)
-            + audio_scale * (self.full - self.identity)
-        )
+        return self.uncond + identity_scale * (self.identity - self.uncond) + audio_scale * (self.full - self.identity)
 
 
 class KeyframeGuidance:

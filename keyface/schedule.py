@@ -28,14 +28,13 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from .constants import FRAMES_PER_CLIP, VIDEO_FPS
 from .errors import InputError
 
-FRAMES_PER_CLIP = 14  # spec §0: keyframe slots per batch = frames per interpolation segment (num_frames)
 SEGMENT_OVERLAP = 1  # spec §6: overlap 1 - consecutive segments share their boundary keyframe
 MIN_FRAMES_PER_CLIP = 3  # two keyframes and at least one frame between them
 BATCHES_PER_CHUNK = 2  # spec §6: chunk_size is overwritten to 2 inside sample() (about 13.5 s per chunk)
-FRAMES_PER_SECOND = 25  # spec §6: fps_id 24 => 25 fps
-REFERENCE_MAX_FRAMES = 45 * FRAMES_PER_SECOND  # spec §6: compute_until 45 (seconds) in scripts/inference.sh
+REFERENCE_MAX_FRAMES = 45 * VIDEO_FPS  # spec §6: compute_until 45 (seconds) in scripts/inference.sh
 
 ALIGNED = "aligned"
 REFERENCE = "reference"
@@ -225,7 +224,7 @@ def plan_schedule(
         if frames_used < frames_per_clip:
             raise InputError(
                 f"n_frames={n_frames} (frames used: {frames_used}): the reference schedule needs at least "
-                f"{frames_per_clip} frames ({frames_per_clip / FRAMES_PER_SECOND:.2f} s) of audio, the original "
+                f"{frames_per_clip} frames ({frames_per_clip / VIDEO_FPS:.2f} s) of audio, the original "
                 f"crashes below that; use the aligned schedule (mode={ALIGNED!r})"
             )
         plan = _plan_reference(frames_used, frames_per_clip, batches_per_chunk)

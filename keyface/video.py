@@ -20,11 +20,8 @@ succeeds, so an interrupted run never leaves a half-written file under the reque
 from __future__ import annotations
 
 import abc
-import errno
 import itertools
 import os
-import tempfile
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -33,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from .constants import VIDEO_FPS
 from .errors import InputError, KeyFaceError
+from .files import AtomicOutput
 
-DEFAULT_FPS = 25  # the model's frame rate (spec §0: 25-fps video, 640 samples of 16 kHz audio per frame)
 DEFAULT_CRF = 18  # x264 constant-rate factor: visually near-lossless; the original used torchvision's default (23)
 DEFAULT_PRESET = "medium"
 DEFAULT_AUDIO_BITRATE = 192_000
@@ -344,77 +342,6 @@ class AudioTrack:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# atomic output files
-
-
-class AtomicOutput:
-    """A target path plus a hidden temporary file beside it, renamed onto the target on ``commit``.
-
-    Checks the target before any work: not a directory, parent folder exists and is writable, extension in
-    ``extensions``. The temporary file is removed by ``discard``, and also if the object is garbage
-    collected or the interpreter exits before ``commit``.
-    """
-
-    def __init__(self, path: str | os.PathLike, extensions: Iterable[str], what: str) -> None:
-        self.path = Path(path).expanduser().absolute()
-        allowed = sorted(extensions)
-        if self.path.suffix.lower() not in allowed:
-            raise InputError(
-                f"{what} {self.path}: unsupported extension {self.path.suffix!r}; use one of {', '.join(allowed)}"
-            )
-        if self.path.is_dir():
-            raise InputError(
-                f"{what} {self.path} is a directory; give a file name such as {self.path / ('out' + allowed[0])}"
-            )
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise InputError(f"{what} {self.path}: folder {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"{what} {self.path}: folder {parent} is not writable; choose another output folder")
-        try:
-            handle, temp_name = tempfile.mkstemp(
-                prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=parent
-            )
-        except OSError as error:
-            raise KeyFaceError(f"cannot create a temporary file next to {self.path}: {error}") from error
-        os.close(handle)
-        self.temp_path = Path(temp_name)
-        self._cleanup = weakref.finalize(self, _remove_quietly, self.temp_path)
-
-    def commit(self) -> Path:
-        """Atomically move the finished temporary file onto the target path."""
-        try:
-            os.replace(self.temp_path, self.path)
-        except OSError as error:
-            self.discard()
-            raise KeyFaceError(f"cannot move the finished file to {self.path}: {error}") from error
-        self._cleanup.detach()
-        return self.path
-
-    def discard(self) -> None:
-        """Remove the temporary file; the target path is left untouched."""
-        self._cleanup()
-
-    def write_error(self, error: OSError) -> KeyFaceError:
-        """A KeyFaceError naming the target for an OSError met while writing (disk full, I/O error, ...)."""
-        hint = (
-            "free some disk space or choose another folder"
-            if error.errno in (errno.ENOSPC, errno.EDQUOT)
-            else ("check the disk and the folder's permissions")
-        )
-        return KeyFaceError(f"writing {self.path} failed: {error.strerror or error}; {hint}. Nothing was saved.")
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------------
 # mp4 writing
 
 
@@ -449,7 +376,7 @@ class Mp4Writer(FrameSink):
     def __init__(
         self,
         path: str | os.PathLike,
-        fps: int | Fraction = DEFAULT_FPS,
+        fps: int | Fraction = VIDEO_FPS,
         audio: AudioTrack | None = None,
         *,
         crf: int = DEFAULT_CRF,

@@ -41,17 +41,43 @@ class KeyFaceLoadAudio:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The KeyFace models (their audio encoders compute the features)."}),
-                "audio": (files, {"audio_upload": True, "tooltip": "Audio or video file in ComfyUI's input folder "
-                          "(wav, mp3, flac, m4a, ogg, mp4, ...). Ignored when audio_input is connected."}),
-                "start_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_SECONDS, "step": 0.01,
-                                  "tooltip": "Skip this many seconds at the start."}),
-                "duration_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_SECONDS, "step": 0.01,
-                                     "tooltip": "Keep this many seconds from the start point; 0 keeps everything "
-                                     "to the end."}),
+                "audio": (
+                    files,
+                    {
+                        "audio_upload": True,
+                        "tooltip": "Audio or video file in ComfyUI's input folder "
+                        "(wav, mp3, flac, m4a, ogg, mp4, ...). Ignored when audio_input is connected.",
+                    },
+                ),
+                "start_seconds": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": MAX_SECONDS,
+                        "step": 0.01,
+                        "tooltip": "Skip this many seconds at the start.",
+                    },
+                ),
+                "duration_seconds": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": MAX_SECONDS,
+                        "step": 0.01,
+                        "tooltip": "Keep this many seconds from the start point; 0 keeps everything to the end.",
+                    },
+                ),
             },
             "optional": {
-                "audio_input": ("AUDIO", {"tooltip": "Audio from any node (Load Audio, a text-to-speech node, ...); "
-                                "when connected it is used instead of the file."}),
+                "audio_input": (
+                    "AUDIO",
+                    {
+                        "tooltip": "Audio from any node (Load Audio, a text-to-speech node, ...); "
+                        "when connected it is used instead of the file."
+                    },
+                ),
                 # The frontend's audio player. Its upload button (audio_upload above) looks for this widget, which
                 # the frontend adds by itself to core audio nodes only; declared here (optional, never sent with
                 # the prompt) it is created before the button.

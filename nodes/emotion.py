@@ -51,18 +51,27 @@ class KeyFaceEmotionCurve:
 
         return {
             "required": {
-                "emotion": ("STRING", {
-                    "default": "neutral",
-                    "multiline": True,
-                    "tooltip": "An emotion name (" + ", ".join(sorted(EMOTIONS)) + "), a timed list such as "
-                    "'neutral at 0 s, happy at 4 s', or the curve JSON the editor writes "
-                    '({"format": "keyface-emotion-v1", "valence": [[t, v], ...], "arousal": [[t, a], ...]}).',
-                }),
-                "duration": ("FLOAT", {
-                    "default": DEFAULT_DURATION, "min": 0.1, "max": MAX_DURATION, "step": 0.1,
-                    "tooltip": "Length of the clip in seconds: the time axis of the curve editor (connect Load "
-                    "Audio's duration). The curve itself is in seconds and does not depend on it.",
-                }),
+                "emotion": (
+                    "STRING",
+                    {
+                        "default": "neutral",
+                        "multiline": True,
+                        "tooltip": "An emotion name (" + ", ".join(sorted(EMOTIONS)) + "), a timed list such as "
+                        "'neutral at 0 s, happy at 4 s', or the curve JSON the editor writes "
+                        '({"format": "keyface-emotion-v1", "valence": [[t, v], ...], "arousal": [[t, a], ...]}).',
+                    },
+                ),
+                "duration": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_DURATION,
+                        "min": 0.1,
+                        "max": MAX_DURATION,
+                        "step": 0.1,
+                        "tooltip": "Length of the clip in seconds: the time axis of the curve editor (connect Load "
+                        "Audio's duration). The curve itself is in seconds and does not depend on it.",
+                    },
+                ),
             }
         }
 
@@ -79,6 +88,7 @@ class KeyFaceEmotionCurve:
         curve = parse_emotion_input(emotion)
         last = max(curve.valence[-1][0], curve.arousal[-1][0])
         if last > duration:
-            logger.warning("KeyFace emotion: the curve has points up to %.2f s, after the clip's %.2f s", last,
-                           duration)
+            logger.warning(
+                "KeyFace emotion: the curve has points up to %.2f s, after the clip's %.2f s", last, duration
+            )
         return (curve,)

@@ -39,8 +39,8 @@ class KeyFaceCropFace:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from keyface.constants import RELEASED_IMAGE_SIZE
         from keyface.face import DEFAULT_FEATHER, DEFAULT_MARGIN
-        from keyface.identity import MODEL_RESOLUTION
 
         def pixels(tooltip: str, default: int = 0, low: int = -MAX_PIXELS):
             return ("INT", {"default": default, "min": low, "max": MAX_PIXELS, "step": 1, "tooltip": tooltip})
@@ -48,21 +48,58 @@ class KeyFaceCropFace:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The portrait (any size or aspect ratio; one image)."}),
-                "mode": (list(CROP_MODES), {"default": "auto", "tooltip": "auto: detect the face; center: the "
-                         "largest centred square; manual: the box x, y, size below (for faces a detector misses, "
-                         "e.g. stylised art or profiles)."}),
+                "mode": (
+                    list(CROP_MODES),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: detect the face; center: the "
+                        "largest centred square; manual: the box x, y, size below (for faces a detector misses, "
+                        "e.g. stylised art or profiles).",
+                    },
+                ),
                 "x": pixels("manual mode: left edge of the square, in source pixels (may be negative: padded)."),
                 "y": pixels("manual mode: top edge of the square, in source pixels (may be negative: padded)."),
                 "size": pixels("manual mode: side of the square, in source pixels.", 512, 1),
-                "margin": ("FLOAT", {"default": DEFAULT_MARGIN, "min": 0.0, "max": 3.0, "step": 0.05,
-                           "tooltip": "auto mode: space around the face on each side, as a fraction of the face "
-                           "size (0.6 frames head and shoulders)."}),
-                "face_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "auto mode: which face when "
-                               "several are found, 0 = the largest."}),
-                "crop_size": ("INT", {"default": MODEL_RESOLUTION, "min": 64, "max": 4096, "step": 8,
-                              "tooltip": "Side of the output crop in pixels (512: the KeyFace model resolution)."}),
-                "feather": ("FLOAT", {"default": DEFAULT_FEATHER, "min": 0.0, "max": 0.5, "step": 0.01,
-                            "tooltip": "Paste-back blend band along the crop's edges, as a fraction of its side."}),
+                "margin": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_MARGIN,
+                        "min": 0.0,
+                        "max": 3.0,
+                        "step": 0.05,
+                        "tooltip": "auto mode: space around the face on each side, as a fraction of the face "
+                        "size (0.6 frames head and shoulders).",
+                    },
+                ),
+                "face_index": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 63,
+                        "tooltip": "auto mode: which face when several are found, 0 = the largest.",
+                    },
+                ),
+                "crop_size": (
+                    "INT",
+                    {
+                        "default": RELEASED_IMAGE_SIZE,
+                        "min": 64,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Side of the output crop in pixels (512: the KeyFace model resolution).",
+                    },
+                ),
+                "feather": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_FEATHER,
+                        "min": 0.0,
+                        "max": 0.5,
+                        "step": 0.01,
+                        "tooltip": "Paste-back blend band along the crop's edges, as a fraction of its side.",
+                    },
+                ),
             }
         }
 
@@ -77,8 +114,9 @@ class KeyFaceCropFace:
         except InputError as error:
             if mode != "auto":
                 raise
-            raise InputError(f"{error}. (In this node: mode 'manual' uses the box x, y, size; mode 'center' "
-                             "the centre square.)") from None
+            raise InputError(
+                f"{error}. (In this node: mode 'manual' uses the box x, y, size; mode 'center' the centre square.)"
+            ) from None
         face = uint8_to_image(result.image)[None]
         handle = FaceCropHandle(result.info, picture, feather)
         return (face, handle, json.dumps(result.summary()))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
-from keyface.schedule import FRAMES_PER_SECOND
 
 from .common import (
     CATEGORY,
@@ -72,7 +72,9 @@ def identity_square(image):
         return picture
     logger.warning(
         "KeyFace: image: the portrait is %dx%d, not square; using its centre square (connect KeyFace Crop Face "
-        "to choose the face)", width, height
+        "to choose the face)",
+        width,
+        height,
     )
     return square_crop(picture, None, min(width, height))[0]
 
@@ -101,35 +103,64 @@ class KeyFaceKeyframeSampler:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The KeyFace models from the Model Loader."}),
-                "image": ("IMAGE", {"tooltip": "The portrait: one square face crop (KeyFace Crop Face). A "
-                          "non-square image is centre-cropped; a batch of several is refused."}),
-                "audio": (AUDIO_FEATURES, {"tooltip": "Audio features from KeyFace Load Audio; they set the "
-                          "video's length (25 frames per second)."}),
-                "seed": _seed_input("Random seed of the keyframes (and of the in-between frames, unless the "
-                                    "Interpolator is given another seed)."),
+                "image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The portrait: one square face crop (KeyFace Crop Face). A "
+                        "non-square image is centre-cropped; a batch of several is refused."
+                    },
+                ),
+                "audio": (
+                    AUDIO_FEATURES,
+                    {
+                        "tooltip": "Audio features from KeyFace Load Audio; they set the "
+                        "video's length (25 frames per second)."
+                    },
+                ),
+                "seed": _seed_input(
+                    "Random seed of the keyframes (and of the in-between frames, unless the "
+                    "Interpolator is given another seed)."
+                ),
                 "steps": _steps_input("Sampler steps per keyframe batch (10 = the original's 11-level schedule)."),
-                "audio_scale": _scale_input(KEYFRAME_AUDIO_SCALE, "Audio guidance: how strongly the mouth and "
-                                            "expression follow the speech."),
-                "identity_scale": _scale_input(KEYFRAME_IDENTITY_SCALE, "Identity guidance: how strongly the face "
-                                               "keeps the portrait's look."),
-                "schedule": (list(SCHEDULE_MODES), {"default": ALIGNED, "tooltip": "aligned: every frame gets "
-                             "its own audio (recommended); reference: the original code's frame arithmetic, quirks "
-                             "and 45-second limit included, for comparison with its results."}),
-                "keyframe_image_size": ("INT", {
-                    "default": 512, "min": 0, "max": 4096, "step": 8,
-                    "tooltip": "Longest side of the keyframe_images output (capped at the model resolution; "
-                    "long videos get smaller images so the batch stays under 1 GiB). 0 skips decoding the "
-                    "keyframes (one black placeholder image): faster for long videos.",
-                }),
+                "audio_scale": _scale_input(
+                    KEYFRAME_AUDIO_SCALE, "Audio guidance: how strongly the mouth and expression follow the speech."
+                ),
+                "identity_scale": _scale_input(
+                    KEYFRAME_IDENTITY_SCALE, "Identity guidance: how strongly the face keeps the portrait's look."
+                ),
+                "schedule": (
+                    list(SCHEDULE_MODES),
+                    {
+                        "default": ALIGNED,
+                        "tooltip": "aligned: every frame gets "
+                        "its own audio (recommended); reference: the original code's frame arithmetic, quirks "
+                        "and 45-second limit included, for comparison with its results.",
+                    },
+                ),
+                "keyframe_image_size": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "Longest side of the keyframe_images output (capped at the model resolution; "
+                        "long videos get smaller images so the batch stays under 1 GiB). 0 skips decoding the "
+                        "keyframes (one black placeholder image): faster for long videos.",
+                    },
+                ),
             },
             "optional": {
-                "emotion": (EMOTION, {"tooltip": "Emotion over time from KeyFace Emotion Curve; neutral when "
-                            "not connected."}),
+                "emotion": (
+                    EMOTION,
+                    {"tooltip": "Emotion over time from KeyFace Emotion Curve; neutral when not connected."},
+                ),
             },
         }
 
-    def sample(self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size,
-               emotion=None):
+    def sample(
+        self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
+    ):
         from keyface.emotion import parse_emotion
         from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
         from keyface.schedule import REFERENCE
@@ -138,8 +169,9 @@ class KeyFaceKeyframeSampler:
         if audio is None:
             raise InputError("audio: connect the features output of KeyFace Load Audio")
         face = identity_square(image)
-        settings = GenerationSettings(num_steps=steps, audio_scale=audio_scale, identity_scale=identity_scale,
-                                      seed=seed, schedule=schedule)
+        settings = GenerationSettings(
+            num_steps=steps, audio_scale=audio_scale, identity_scale=identity_scale, seed=seed, schedule=schedule
+        )
         curve = emotion if emotion is not None else parse_emotion("neutral")
         features = audio.features_for("reference" if schedule == REFERENCE else "default")
         progress = NodeProgress()
@@ -168,16 +200,18 @@ def decode_keyframe_images(job, size: int, progress: NodeProgress):
     side = min(size, job.models.image_size)
     affordable = int((KEYFRAME_IMAGES_BUDGET / (len(slots) * 3 * 4)) ** 0.5) // 8 * 8
     if affordable < side:
-        logger.warning("KeyFace: %d keyframes; keyframe images made %d px wide to stay under 1 GiB", len(slots),
-                       affordable)
+        logger.warning(
+            "KeyFace: %d keyframes; keyframe images made %d px wide to stay under 1 GiB", len(slots), affordable
+        )
         side = max(affordable, 8)
     images = torch.empty((len(slots), side, side, 3))
     for first in range(0, len(slots), DECODE_BLOCK):
         block = slots[first : first + DECODE_BLOCK]
         pixels = job.decode_keyframes(torch.stack([job.slot_latent(slot_id) for _, slot_id in block]))
         if pixels.shape[-1] != side:
-            pixels = torch.nn.functional.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True,
-                                                     align_corners=False).clamp(0.0, 1.0)
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False
+            ).clamp(0.0, 1.0)
         images[first : first + len(block)] = images_from_pixels(pixels)
         progress.update(first + len(block), len(slots))
     return images
@@ -204,23 +238,38 @@ class KeyFaceKeyframeInterpolator:
         return {
             "required": {
                 "keyframes": (KEYFRAMES, {"tooltip": "The keyframes from the Keyframe Sampler."}),
-                "seed": _seed_input("Random seed of the in-between frames. The sampler's seed keeps the original "
-                                    "single noise stream (the CLI's result); another value re-rolls only these "
-                                    "frames, keeping the keyframes."),
+                "seed": _seed_input(
+                    "Random seed of the in-between frames. The sampler's seed keeps the original "
+                    "single noise stream (the CLI's result); another value re-rolls only these "
+                    "frames, keeping the keyframes."
+                ),
                 "steps": _steps_input("Sampler steps per group of segments (10 = the original's schedule)."),
-                "autoguidance_scale": _scale_input(AUTOGUIDANCE_SCALE, "Autoguidance strength (the 'bad' network "
-                                                   "steers away from blur); 1 = plain sampling. Ignored when the "
-                                                   "loader's autoguidance is 'none'."),
-                "segments_per_call": ("INT", {
-                    "default": DEFAULT_SEGMENTS_PER_CALL, "min": 1, "max": SEGMENTS_PER_CALL_MAX,
-                    "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
-                    "large GPU and needs more memory. Does not change the result.",
-                }),
+                "autoguidance_scale": _scale_input(
+                    AUTOGUIDANCE_SCALE,
+                    "Autoguidance strength (the 'bad' network "
+                    "steers away from blur); 1 = plain sampling. Ignored when the "
+                    "loader's autoguidance is 'none'.",
+                ),
+                "segments_per_call": (
+                    "INT",
+                    {
+                        "default": DEFAULT_SEGMENTS_PER_CALL,
+                        "min": 1,
+                        "max": SEGMENTS_PER_CALL_MAX,
+                        "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
+                        "large GPU and needs more memory. Does not change the result.",
+                    },
+                ),
             },
             "optional": {
-                "edited_keyframes": ("IMAGE", {"tooltip": "The sampler's keyframe_images with some keyframes "
-                                     "edited (same count and order). Keyframes that differ replace the generated "
-                                     "ones; leave unconnected to use the keyframes as generated."}),
+                "edited_keyframes": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The sampler's keyframe_images with some keyframes "
+                        "edited (same count and order). Keyframes that differ replace the generated "
+                        "ones; leave unconnected to use the keyframes as generated."
+                    },
+                ),
             },
         }
 
@@ -241,7 +290,7 @@ class KeyFaceKeyframeInterpolator:
                 apply_edits(job, models, keyframes, edited_keyframes)
             with reporting(job, progress):
                 job.interpolate()
-        return (VideoHandle(job, keyframes.bundle, keyframes.audio.clip, fps=FRAMES_PER_SECOND),)
+        return (VideoHandle(job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS),)
 
 
 def apply_edits(job, models, keyframes: KeyframesHandle, edited) -> list[int]:
@@ -262,18 +311,24 @@ def apply_edits(job, models, keyframes: KeyframesHandle, edited) -> list[int]:
             "the whole keyframe_images batch, in order, with your edits"
         )
     if edited.shape[1] != edited.shape[2]:
-        raise InputError(f"edited_keyframes: images must be square like the keyframes, got {edited.shape[2]}x"
-                         f"{edited.shape[1]}")
+        raise InputError(
+            f"edited_keyframes: images must be square like the keyframes, got {edited.shape[2]}x{edited.shape[1]}"
+        )
     compared = edited.float()
     if compared.shape[1:3] != original.shape[1:3]:
-        compared = torch.nn.functional.interpolate(compared.permute(0, 3, 1, 2), size=original.shape[1:3],
-                                                   mode="bilinear", antialias=True, align_corners=False)
+        compared = torch.nn.functional.interpolate(
+            compared.permute(0, 3, 1, 2), size=original.shape[1:3], mode="bilinear", antialias=True, align_corners=False
+        )
         compared = compared.permute(0, 2, 3, 1)
     changed = ((compared - original).abs().amax(dim=(1, 2, 3)) > EDIT_TOLERANCE).nonzero().flatten().tolist()
     for index in changed:
         if edited.shape[1] < models.image_size:
-            logger.warning("KeyFace: edited keyframe %d is %d px; enlarged to the model's %d px", index,
-                           edited.shape[1], models.image_size)
+            logger.warning(
+                "KeyFace: edited keyframe %d is %d px; enlarged to the model's %d px",
+                index,
+                edited.shape[1],
+                models.image_size,
+            )
         job.replace_keyframe(keyframes.frames[index], models.encode_image(edited[index].float())[0])
     logger.info("KeyFace: %d edited keyframe(s) at frames %s", len(changed), [keyframes.frames[i] for i in changed])
     return [keyframes.frames[i] for i in changed]

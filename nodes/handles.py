@@ -102,7 +102,7 @@ class AudioInput:
     def features_for(self, mode: str) -> AudioFeatures:
         """The features in channel mode ``mode`` ("default" or "reference"; they differ only for audio with
         several channels at a rate other than 16 kHz)."""
-        from keyface.audio.io import ENCODER_SAMPLE_RATE
+        from keyface.constants import ENCODER_SAMPLE_RATE
 
         same = self.clip.num_channels == 1 or self.clip.sample_rate == ENCODER_SAMPLE_RATE
         if self.features.mode == mode or same:

@@ -29,8 +29,22 @@ AUDIO_MODELS_FOLDER = "keyface_audio"
 MODEL_EXTENSIONS = {".safetensors", ".pt", ".ckpt"}
 # Input files offered by KeyFace Load Audio: what PyAV decodes (audio, or a video's audio track).
 MEDIA_EXTENSIONS = {
-    ".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma", ".aiff", ".aif",
-    ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v",
+    ".wav",
+    ".mp3",
+    ".flac",
+    ".m4a",
+    ".aac",
+    ".ogg",
+    ".opus",
+    ".wma",
+    ".aiff",
+    ".aif",
+    ".mp4",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".m4v",
 }
 DEFAULT_PREVIEW_SIZE = 512  # ComfyUI's --preview-size default
 _ENV = {"models": "KEYFACE_MODELS_DIR", "input": "KEYFACE_INPUT_DIR", "output": "KEYFACE_OUTPUT_DIR"}

@@ -189,8 +189,10 @@ class KeyFaceModelLoader:
         return {
             "required": {
                 "keyframe": stage("keyframe", "Stage 1 checkpoint (keyframe.pt or its .safetensors conversion)."),
-                "interpolation": stage("interpolation", "Stage 2 checkpoint (interpolation.pt / .safetensors); its VAE "
-                                       "decoder makes the output frames."),
+                "interpolation": stage(
+                    "interpolation",
+                    "Stage 2 checkpoint (interpolation.pt / .safetensors); its VAE decoder makes the output frames.",
+                ),
                 "autoguidance": (
                     [NO_AUTOGUIDANCE, *choices],
                     {
@@ -199,25 +201,49 @@ class KeyFaceModelLoader:
                         "interpolation without autoguidance (faster, less sharp).",
                     },
                 ),
-                "vae": (vae_choices(), {"default": DEFAULT_VAE, "tooltip": "Folder of the SVD VAE (diffusers layout: "
+                "vae": (
+                    vae_choices(),
+                    {
+                        "default": DEFAULT_VAE,
+                        "tooltip": "Folder of the SVD VAE (diffusers layout: "
                         "config.json + diffusion_pytorch_model.safetensors); it turns the portrait and edited "
-                        "keyframes into latents."}),
+                        "keyframes into latents.",
+                    },
+                ),
                 **audio,
-                "device": (list(DEVICES), {"default": "auto", "tooltip": "Where the networks run. auto: ComfyUI's "
-                           "device (the GPU unless ComfyUI was started with --cpu)."}),
-                "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Network precision. auto: bf16 on GPUs "
-                              "that support it, else fp16; fp32 on the CPU. The VAE always runs in fp32."}),
+                "device": (
+                    list(DEVICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "Where the networks run. auto: ComfyUI's "
+                        "device (the GPU unless ComfyUI was started with --cpu).",
+                    },
+                ),
+                "precision": (
+                    list(PRECISIONS),
+                    {
+                        "default": "auto",
+                        "tooltip": "Network precision. auto: bf16 on GPUs "
+                        "that support it, else fp16; fp32 on the CPU. The VAE always runs in fp32.",
+                    },
+                ),
             }
         }
 
-    def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto",
-             precision="auto"):
+    def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"):
         from keyface.audio.features import AudioFeatureExtractor
         from keyface.loading import resolve_dtype
 
         check_widgets(type(self), {"device": device, "precision": precision})
-        names = {"keyframe": keyframe, "interpolation": interpolation, "autoguidance": autoguidance, "vae": vae,
-                 "wavlm": wavlm, "beats": beats, "wav2vec2": wav2vec2}
+        names = {
+            "keyframe": keyframe,
+            "interpolation": interpolation,
+            "autoguidance": autoguidance,
+            "vae": vae,
+            "wavlm": wavlm,
+            "beats": beats,
+            "wav2vec2": wav2vec2,
+        }
         problems = missing_model_files(names)
         if problems:
             raise MissingWeightsError("\n".join(problems))
@@ -229,8 +255,10 @@ class KeyFaceModelLoader:
             ),
             "vae": resolve_model_file("vae", vae),
         }
-        audio = {role: resolve_model_file(role, name) for role, name in
-                 (("wavlm", wavlm), ("beats", beats), ("wav2vec2", wav2vec2))}
+        audio = {
+            role: resolve_model_file(role, name)
+            for role, name in (("wavlm", wavlm), ("beats", beats), ("wav2vec2", wav2vec2))
+        }
         torch_device = host.torch_device(device)
         dtype = resolve_dtype(precision, torch_device)
         resting = host.offload_device(torch_device)
@@ -244,7 +272,8 @@ class KeyFaceModelLoader:
 def _load_networks(paths: dict, audio_folder: Path, device, dtype):
     """The KeyFaceModels of ``paths``: from the cache when the same files and dtype were loaded before (on
     whatever device they were left), else read from disk onto ``device`` (replacing the cached set)."""
-    from keyface.loading import ModelFiles, file_identity, load_models
+    from keyface.files import file_identity
+    from keyface.loading import ModelFiles, load_models
 
     key = (tuple((role, None if path is None else file_identity(path)) for role, path in paths.items()), str(dtype))
     models = _loaded.get(key)

@@ -7,8 +7,8 @@ import json
 import logging
 from collections.abc import Iterator
 
+from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
-from keyface.schedule import FRAMES_PER_SECOND
 
 from . import host
 from .common import (
@@ -57,24 +57,61 @@ class KeyFaceVideoCombine:
 
         return {
             "required": {
-                "fps": ("FLOAT", {"default": float(FRAMES_PER_SECOND), "min": 1.0, "max": MAX_FPS, "step": 0.01,
+                "fps": (
+                    "FLOAT",
+                    {
+                        "default": float(VIDEO_FPS),
+                        "min": 1.0,
+                        "max": MAX_FPS,
+                        "step": 0.01,
                         "tooltip": "Frame rate for an IMAGE batch. A KeyFace video is always 25 fps (the models' "
-                        "rate); another value is refused there."}),
-                "crf": ("INT", {"default": DEFAULT_CRF, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is "
-                        "better and larger (18 looks lossless, 23 is ffmpeg's default, 0 is lossless)."}),
-                "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX, "tooltip": "Name of the file inside "
-                                    "ComfyUI's output folder; sub-folders allowed ('video/KeyFace' -> "
-                                    "output/video/KeyFace_00001_.mp4). Paths leaving the output folder are refused."}),
+                        "rate); another value is refused there.",
+                    },
+                ),
+                "crf": (
+                    "INT",
+                    {
+                        "default": DEFAULT_CRF,
+                        "min": 0,
+                        "max": 51,
+                        "tooltip": "H.264 quality: lower is "
+                        "better and larger (18 looks lossless, 23 is ffmpeg's default, 0 is lossless).",
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": DEFAULT_PREFIX,
+                        "tooltip": "Name of the file inside "
+                        "ComfyUI's output folder; sub-folders allowed ('video/KeyFace' -> "
+                        "output/video/KeyFace_00001_.mp4). Paths leaving the output folder are refused.",
+                    },
+                ),
             },
             "optional": {
                 "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator (streamed)."}),
                 "images": ("IMAGE", {"tooltip": "Or any IMAGE batch (frames), written at fps."}),
-                "audio": ("AUDIO", {"tooltip": "Sound track. Default: the KeyFace video's own audio; none for an "
-                          "IMAGE batch. Cut or padded with silence to the video's length."}),
-                "upscale_model": ("UPSCALE_MODEL", {"tooltip": "Optional upscale model (Load Upscale Model) run on "
-                                  "every frame while writing, before paste-back."}),
-                "crop": (CROP, {"tooltip": "Crop info from KeyFace Crop Face: paste each frame back into the full "
-                         "original picture while writing."}),
+                "audio": (
+                    "AUDIO",
+                    {
+                        "tooltip": "Sound track. Default: the KeyFace video's own audio; none for an "
+                        "IMAGE batch. Cut or padded with silence to the video's length."
+                    },
+                ),
+                "upscale_model": (
+                    "UPSCALE_MODEL",
+                    {
+                        "tooltip": "Optional upscale model (Load Upscale Model) run on "
+                        "every frame while writing, before paste-back."
+                    },
+                ),
+                "crop": (
+                    CROP,
+                    {
+                        "tooltip": "Crop info from KeyFace Crop Face: paste each frame back into the full "
+                        "original picture while writing."
+                    },
+                ),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -87,8 +124,19 @@ class KeyFaceVideoCombine:
             return str(error)
         return True
 
-    def combine(self, fps, crf, filename_prefix, video=None, images=None, audio=None, upscale_model=None, crop=None,
-                prompt=None, extra_pnginfo=None):
+    def combine(
+        self,
+        fps,
+        crf,
+        filename_prefix,
+        video=None,
+        images=None,
+        audio=None,
+        upscale_model=None,
+        crop=None,
+        prompt=None,
+        extra_pnginfo=None,
+    ):
         from keyface.generate import check_frame_rate
         from keyface.video import AudioTrack, MapSink, Mp4Writer, to_uint8
 
@@ -187,8 +235,10 @@ class KeyFaceVideoToImages:
             "required": {
                 "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator."}),
                 "start": ("INT", {"default": 0, "min": 0, "max": 10**8, "tooltip": "First frame (25 per second)."}),
-                "count": ("INT", {"default": 0, "min": 0, "max": 10**8,
-                          "tooltip": "Number of frames; 0 = to the end."}),
+                "count": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 10**8, "tooltip": "Number of frames; 0 = to the end."},
+                ),
             }
         }
 

@@ -65,7 +65,9 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize("fixture_set", FIXTURE_SETS, ids=[p.name for p in FIXTURE_SETS])
         else:
             metafunc.parametrize(
-                "fixture_set", [pytest.param(None, marks=pytest.mark.skip(reason=NO_FIXTURES_MESSAGE))], ids=["no-fixtures"]
+                "fixture_set",
+                [pytest.param(None, marks=pytest.mark.skip(reason=NO_FIXTURES_MESSAGE))],
+                ids=["no-fixtures"],
             )
 
 

@@ -170,8 +170,12 @@ def test_blockwise_wavlm_attention_equals_the_transformers_layer(tokens):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)  # float rounding only (outputs up to ~20)
         assert torch.equal(bias.rows(0, tokens), full_bias)  # the bias handed to the next layer
         later = WavLMAttention(24, 3, has_relative_position_bias=False).eval()
-        torch.testing.assert_close(BlockwiseWavLMAttention(later)(hidden, position_bias=bias)[0],
-                                   later(hidden, position_bias=full_bias)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            BlockwiseWavLMAttention(later)(hidden, position_bias=bias)[0],
+            later(hidden, position_bias=full_bias)[0],
+            rtol=1e-4,
+            atol=1e-4,
+        )
     assert set(blockwise.state_dict()) == set(original.state_dict())
 
 

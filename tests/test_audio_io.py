@@ -10,7 +10,6 @@ import torchaudio.functional
 from safetensors.torch import load_file
 
 from keyface.audio.io import (
-    SAMPLES_PER_FRAME,
     AudioClip,
     as_audio_clip,
     load_audio,
@@ -19,6 +18,7 @@ from keyface.audio.io import (
     raw_audio_frames,
     to_encoder_waveform,
 )
+from keyface.constants import SAMPLES_PER_FRAME
 from keyface.errors import InputError
 
 FIXTURE_CLIPS = [("audio_clip16k_mono", "clip16k_mono.wav"), ("audio_clip44k_stereo", "clip44k_stereo.wav")]

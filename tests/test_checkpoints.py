@@ -70,13 +70,19 @@ def copy_alone(fixture_set: Path, name: str, suffix: str, folder: Path) -> Path:
         ("out.2.weight", "conv_out.weight"),
         ("input_blocks.3.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
         ("input_blocks.4.0.skip_connection.weight", "down_blocks.1.resnets.0.spatial_res_block.conv_shortcut.weight"),
-        ("input_blocks.5.0.time_stack.emb_layers.1.bias",
-         "down_blocks.1.resnets.1.temporal_res_block.time_emb_proj.bias"),
-        ("input_blocks.7.1.time_stack.0.attn2.to_k.weight",
-         "down_blocks.2.attentions.0.temporal_transformer_blocks.0.attn2.to_k.weight"),
+        (
+            "input_blocks.5.0.time_stack.emb_layers.1.bias",
+            "down_blocks.1.resnets.1.temporal_res_block.time_emb_proj.bias",
+        ),
+        (
+            "input_blocks.7.1.time_stack.0.attn2.to_k.weight",
+            "down_blocks.2.attentions.0.temporal_transformer_blocks.0.attn2.to_k.weight",
+        ),
         ("input_blocks.8.1.time_pos_embed.2.weight", "down_blocks.2.attentions.1.time_pos_embed.linear_2.weight"),
-        ("middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
-         "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"),
+        (
+            "middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+        ),
         ("middle_block.2.time_mixer.mix_factor", "mid_block.resnets.1.time_mixer.mix_factor"),
         ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
         ("output_blocks.5.2.conv.bias", "up_blocks.1.upsamplers.0.conv.bias"),
@@ -123,15 +129,17 @@ def test_pt_and_safetensors_hold_identical_tensors(fixture_set, name):
     assert not any(key.startswith("_forward_module.") for key in from_pt)
 
 
-@pytest.mark.parametrize("name, kind", [("keyframe", "keyframe"), ("interpolation", "interpolation"),
-                                        ("interpolation_bad", "interpolation")])
+@pytest.mark.parametrize(
+    "name, kind", [("keyframe", "keyframe"), ("interpolation", "interpolation"), ("interpolation_bad", "interpolation")]
+)
 def test_config_from_shapes_equals_the_fixture_config(fixture_set, name, kind):
     expected = fixture_config(fixture_set, kind)
     assert read_stage_config(checkpoint_path(fixture_set, name)) == expected
     assert StageConfig.from_checkpoint(checkpoint_path(fixture_set, name, ".safetensors")) == expected
     # shapes alone (head width, frames and the keyframe latent size from the fallback)
-    fallback = replace(StageConfig.official(kind).with_head_channels(expected.unet.num_head_channels),
-                       latent_size=expected.latent_size)
+    fallback = replace(
+        StageConfig.official(kind).with_head_channels(expected.unet.num_head_channels), latent_size=expected.latent_size
+    )
     shapes = read_checkpoint(checkpoint_path(fixture_set, name, ".safetensors")).shapes()
     assert infer_stage_config(shapes, fallback=fallback) == expected
 
@@ -144,8 +152,9 @@ def test_loaded_weights_are_upcast_float32_copies_of_the_file(fixture_set):
     original = tensors["model.diffusion_model.input_blocks.0.0.weight"]
     assert original.dtype == torch.float16
     assert torch.equal(model.unet.conv_in.weight, original.float())
-    assert torch.equal(model.audio_projection.linear.bias,
-                       next(v for k, v in tensors.items() if k.endswith("linear.bias")).float())
+    assert torch.equal(
+        model.audio_projection.linear.bias, next(v for k, v in tensors.items() if k.endswith("linear.bias")).float()
+    )
 
 
 def test_autoguidance_network_takes_only_unet_and_learned_mask(fixture_set):
@@ -231,8 +240,10 @@ def test_missing_files_name_the_file_and_where_it_comes_from(tmp_path):
         load_identity_encoder(tmp_path / "empty_vae")
 
 
-@pytest.mark.parametrize("name, content", [("weights.txt", b"hello"), ("weights.pt", b"not a checkpoint at all"),
-                                           ("weights.safetensors", b"\x00" * 64)])
+@pytest.mark.parametrize(
+    "name, content",
+    [("weights.txt", b"hello"), ("weights.pt", b"not a checkpoint at all"), ("weights.safetensors", b"\x00" * 64)],
+)
 def test_wrong_file_types_are_refused(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -320,9 +331,9 @@ OFFICIAL_DECODER_TENSORS = 266
 def _loader_name(original: str, config: StageConfig) -> str:
     """The loaders' forward map, spelled out with the public key functions."""
     if original.startswith(UNET_PREFIX):
-        return "unet." + unet_key(original[len(UNET_PREFIX):], config.unet.layers_per_block)
+        return "unet." + unet_key(original[len(UNET_PREFIX) :], config.unet.layers_per_block)
     if original.startswith(DECODER_PREFIX):
-        return "decoder." + decoder_key(original[len(DECODER_PREFIX):], len(config.decoder.block_out_channels))
+        return "decoder." + decoder_key(original[len(DECODER_PREFIX) :], len(config.decoder.block_out_channels))
     if original == LEARNED_MASK_KEY:
         return "learned_mask"
     match = AUDIO_PROJECTION_KEY.fullmatch(original)
@@ -330,12 +341,18 @@ def _loader_name(original: str, config: StageConfig) -> str:
     return f"audio_projection.linear.{match.group(2)}"
 
 
-@pytest.mark.parametrize("kind, module_class, audio_keys", [
-    ("keyframe", KeyframeModel, {"conditioner.embedders.3.linear.weight", "conditioner.embedders.3.linear.bias"}),
-    ("interpolation", InterpolationModel,
-     {"conditioner.embedders.1.linear.weight", "conditioner.embedders.1.linear.bias", "model.learned_mask"}),
-    ("interpolation", InterpolationNetwork, {"model.learned_mask"}),
-])
+@pytest.mark.parametrize(
+    "kind, module_class, audio_keys",
+    [
+        ("keyframe", KeyframeModel, {"conditioner.embedders.3.linear.weight", "conditioner.embedders.3.linear.bias"}),
+        (
+            "interpolation",
+            InterpolationModel,
+            {"conditioner.embedders.1.linear.weight", "conditioner.embedders.1.linear.bias", "model.learned_mask"},
+        ),
+        ("interpolation", InterpolationNetwork, {"model.learned_mask"}),
+    ],
+)
 def test_official_names_invert_the_loader_mapping_at_full_size(kind, module_class, audio_keys):
     config = StageConfig.official(kind)
     with torch.device("meta"):
@@ -354,11 +371,14 @@ def test_official_names_invert_the_loader_mapping_at_full_size(kind, module_clas
     assert state[attention_conv].shape == (*decoder.decoder.mid_block.attentions[0].to_q.weight.shape, 1, 1)
 
 
-@pytest.mark.parametrize("name, loader, with_decoder", [
-    ("keyframe", load_keyframe_model, True),
-    ("interpolation", load_interpolation_model, True),
-    ("interpolation_bad", load_autoguidance_network, False),
-])
+@pytest.mark.parametrize(
+    "name, loader, with_decoder",
+    [
+        ("keyframe", load_keyframe_model, True),
+        ("interpolation", load_interpolation_model, True),
+        ("interpolation_bad", load_autoguidance_network, False),
+    ],
+)
 def test_official_state_dict_reproduces_the_fixture_files(fixture_set, name, loader, with_decoder):
     path = checkpoint_path(fixture_set, name, ".safetensors")
     original = read_checkpoint(path).tensors
@@ -376,11 +396,14 @@ def _random_stage(kind: str, module_class, seed: int):
     return randomise_(module_class(TINY.stage_config(kind)), seed)
 
 
-@pytest.mark.parametrize("kind, module_class, loader", [
-    ("keyframe", KeyframeModel, load_keyframe_model),
-    ("interpolation", InterpolationModel, load_interpolation_model),
-    ("interpolation", InterpolationNetwork, load_autoguidance_network),
-])
+@pytest.mark.parametrize(
+    "kind, module_class, loader",
+    [
+        ("keyframe", KeyframeModel, load_keyframe_model),
+        ("interpolation", InterpolationModel, load_interpolation_model),
+        ("interpolation", InterpolationNetwork, load_autoguidance_network),
+    ],
+)
 def test_saved_stage_checkpoint_loads_back_identically_without_a_config_file(tmp_path, kind, module_class, loader):
     from keyface.demo import TINY, randomise_
 

@@ -88,8 +88,9 @@ def _convert(capsys, source: Path, target: Path) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("name, kind", [("keyframe", "keyframe"), ("interpolation", "interpolation"),
-                                        ("interpolation_bad", "interpolation")])
+@pytest.mark.parametrize(
+    "name, kind", [("keyframe", "keyframe"), ("interpolation", "interpolation"), ("interpolation_bad", "interpolation")]
+)
 def test_convert_stage_checkpoints(fixture_set, tmp_path, capsys, name, kind):
     from keyface.checkpoints import load_autoguidance_network, load_keyframe_model, read_checkpoint
 
@@ -100,14 +101,16 @@ def test_convert_stage_checkpoints(fixture_set, tmp_path, capsys, name, kind):
     assert f"{kind} stage" in summary and f"{len(original)} tensors" in summary
     converted = read_checkpoint(target)
     assert converted.tensors.keys() == original.keys()
-    assert all(torch.equal(converted.tensors[k], v) and converted.tensors[k].dtype == v.dtype
-               for k, v in original.items())
+    assert all(
+        torch.equal(converted.tensors[k], v) and converted.tensors[k].dtype == v.dtype for k, v in original.items()
+    )
     loader = load_keyframe_model if kind == "keyframe" else load_autoguidance_network
     assert loader(target).config.kind == kind  # loads alone: the config is in the file
 
 
-@pytest.mark.parametrize("stem, encoder", [("WavLM-Base+", "WavLM"),
-                                           ("BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2", "BEATs")])
+@pytest.mark.parametrize(
+    "stem, encoder", [("WavLM-Base+", "WavLM"), ("BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2", "BEATs")]
+)
 def test_convert_audio_encoders(fixture_set, tmp_path, capsys, stem, encoder):
     from keyface.audio.beats import load_beats
     from keyface.audio.wavlm import load_wavlm
@@ -187,7 +190,7 @@ def _bad_arguments(case: str, tmp_path: Path, models: Path) -> tuple[list, str]:
         return ["--audio", tmp_path / "silent.wav"], "silent.wav"
     if case == "output is a folder":
         (tmp_path / "out.mp4").mkdir()
-        return ["--out", tmp_path / "out.mp4"], "is a directory"
+        return ["--out", tmp_path / "out.mp4"], "is a folder"
     if case == "output folder missing":
         return ["--out", tmp_path / "nowhere" / "out.mp4"], str(tmp_path / "nowhere")
     if case == "output folder not writable":
@@ -209,15 +212,25 @@ def _bad_arguments(case: str, tmp_path: Path, models: Path) -> tuple[list, str]:
 
 
 BAD_INPUTS = (
-    "missing image", "missing audio", "empty audio file", "audio without samples", "output is a folder",
-    "output folder missing", "output folder not writable", "steps below 10", "nan audio scale", "other frame rate",
-    "missing models folder", "missing stage file",
+    "missing image",
+    "missing audio",
+    "empty audio file",
+    "audio without samples",
+    "output is a folder",
+    "output folder missing",
+    "output folder not writable",
+    "steps below 10",
+    "nan audio scale",
+    "other frame rate",
+    "missing models folder",
+    "missing stage file",
 )
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_generate_refuses_bad_input_early_with_one_line(case, demo_models, demo_inputs, tmp_path, capsys,
-                                                        no_heavy_work):
+def test_generate_refuses_bad_input_early_with_one_line(
+    case, demo_models, demo_inputs, tmp_path, capsys, no_heavy_work
+):
     image, audio = demo_inputs
     valid = {"--image": image, "--audio": audio, "--out": tmp_path / "video.mp4", "--models": demo_models}
     changed, expected = _bad_arguments(case, tmp_path, demo_models)

@@ -59,8 +59,9 @@ def hub_folders(demo_models, tmp_path_factory) -> dict[str, Path]:
     checkpoints.mkdir(parents=True)
     for stem in ("keyframe", "interpolation", "interpolation_bad"):
         tensors = load_file(demo_models / f"{stem}.safetensors")
-        torch.save({"module": {f"_forward_module.{key}": value for key, value in tensors.items()}},
-                   checkpoints / f"{stem}.pt")
+        torch.save(
+            {"module": {f"_forward_module.{key}": value for key, value in tensors.items()}}, checkpoints / f"{stem}.pt"
+        )
     for encoder in (demo_models / "audio").glob("*.pt"):
         shutil.copy(encoder, checkpoints / encoder.name)
     (keyface_repo / "README.md").write_text("KeyFace")
@@ -89,10 +90,17 @@ def test_download_builds_a_models_folder_that_loads(hub, tmp_path, capsys):
     files = find_model_files(models)
     assert files.keyframe == models / "keyframe.pt" and files.autoguidance == models / "interpolation_bad.pt"
     assert sorted(p.name for p in (models / "audio").iterdir()) == [
-        "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", "WavLM-Base+.pt", "wav2vec2-base-960h"]
+        "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+        "WavLM-Base+.pt",
+        "wav2vec2-base-960h",
+    ]
     assert not (models / "unet").exists() and not (models / STAGING_FOLDER).exists()
     assert len(hub.downloads) == 10
-    for stem, kind in (("keyframe", "keyframe"), ("interpolation", "interpolation"), ("interpolation_bad", "interpolation")):
+    for stem, kind in (
+        ("keyframe", "keyframe"),
+        ("interpolation", "interpolation"),
+        ("interpolation_bad", "interpolation"),
+    ):
         # the tiny networks' 16-wide attention heads cannot be read from shapes (the release's 64 is the default)
         (models / f"{stem}.json").write_text(TINY.stage_config(kind).to_json())
     loaded = load_models(files)
@@ -119,8 +127,9 @@ def test_an_interrupted_download_resumes_without_broken_files(hub, tmp_path):
     hub.interrupt_after = 4
     with pytest.raises(KeyboardInterrupt):
         keyface.download.download_weights(models, report=lambda line: None)
-    placed = sorted(p.relative_to(models).as_posix() for p in models.rglob("*")
-                    if p.is_file() and STAGING_FOLDER not in p.parts)
+    placed = sorted(
+        p.relative_to(models).as_posix() for p in models.rglob("*") if p.is_file() and STAGING_FOLDER not in p.parts
+    )
     assert len(placed) == 4  # complete files only; the half file stays in the staging folder
     hub.interrupt_after = None
     hub.downloads.clear()

@@ -141,7 +141,7 @@ def test_auto_crop_of_the_astronaut(portrait, tmp_path):
     face = result.faces[0]
     assert result.mode == "auto" and result.face_index == 0
     assert x <= face.x and face.x + face.width <= x + size and y <= face.y and face.y + face.height <= y + size
-    assert 240 <= size <= 290 and 0 <= x and x + size <= 512 and y >= 0
+    assert 240 <= size <= 290 and x >= 0 and x + size <= 512 and y >= 0
     assert result.image.shape == (512, 512, 3)
     assert any("enlarged" in note for note in result.notes)
     # the CLI helper: the same box, and the crop file written

@@ -85,8 +85,14 @@ def test_config_rejects_inconsistent_sizes():
 
 
 def test_every_resblock_groupnorm_uses_the_original_eps():
-    config = UNetConfig(block_out_channels=(32, 64), attention_per_level=(True, False), layers_per_block=1,
-                        num_head_channels=16, context_dim=32, emotion_embedding_dim=8)
+    config = UNetConfig(
+        block_out_channels=(32, 64),
+        attention_per_level=(True, False),
+        layers_per_block=1,
+        num_head_channels=16,
+        context_dim=32,
+        emotion_embedding_dim=8,
+    )
     with torch.device("meta"):
         # through diffusers' own config machinery, as from_pretrained would build it
         unet = KeyFaceUNet.from_config(KeyFaceUNet.from_unet_config(config).config)

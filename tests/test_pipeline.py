@@ -74,7 +74,9 @@ def test_reference_pipeline_reproduces_the_original(fixture_set, tmp_path):
     schedule = plan_schedule(conditioning.num_frames, "reference")
     draws = sorted(key for key in stored if key.startswith("noise_"))
     noise = InjectedNoise(schedule, models.latent_shape, [stored[key] for key in draws])
-    job = TalkingHeadJob(models, conditioning, GenerationSettings(schedule="reference"), job_folder=tmp_path, noise=noise)
+    job = TalkingHeadJob(
+        models, conditioning, GenerationSettings(schedule="reference"), job_folder=tmp_path, noise=noise
+    )
 
     for batch in range(len(schedule.batches)):
         expected = intermediates[f"keyframe_batch{batch}_latents"]

@@ -94,8 +94,7 @@ def test_batched_keyframe_guidance_equals_sequential_branch_calls(fixture_set):
     cond = keyframe.condition(*keyframe_inputs(fixture_set))
     with torch.no_grad():
         batched = KeyframeGuidance(keyframe, cond).branches(data["x"], data["sigma"])
-        for name, branch_cond in (("uncond", cond.unconditional()), ("identity", cond.without_audio()),
-                                  ("full", cond)):
+        for name, branch_cond in (("uncond", cond.unconditional()), ("identity", cond.without_audio()), ("full", cond)):
             sequential = keyframe.denoise(data["x"], data["sigma"], branch_cond)
             assert_close(f"batched vs sequential {name}", getattr(batched, name), sequential, 1e-5)
 
@@ -108,12 +107,16 @@ def test_several_keyframe_clips_in_one_call_equal_separate_calls(fixture_set):
     audio2, valence2, arousal2 = torch.cat([audio, audio.flip(1)]), valence.repeat(2, 1), -arousal.repeat(2, 1)
     with torch.no_grad():
         together = KeyframeGuidance(keyframe, keyframe.condition(identity, audio2, valence2, arousal2))(
-            x2, data["sigma"].repeat(2))
+            x2, data["sigma"].repeat(2)
+        )
         for clip in range(2):
             frames = slice(clip * len(data["x"]), (clip + 1) * len(data["x"]))
-            alone = KeyframeGuidance(keyframe, keyframe.condition(identity, audio2[clip:clip + 1],
-                                                                  valence2[clip:clip + 1], arousal2[clip:clip + 1]))(
-                x2[frames], data["sigma"])
+            alone = KeyframeGuidance(
+                keyframe,
+                keyframe.condition(
+                    identity, audio2[clip : clip + 1], valence2[clip : clip + 1], arousal2[clip : clip + 1]
+                ),
+            )(x2[frames], data["sigma"])
             assert_close(f"clip {clip} batched vs alone", together[frames], alone, 1e-5)
 
 
@@ -148,8 +151,12 @@ def test_keyframe_sampling_matches_fixture(fixture_set, monkeypatch):
     data = stage_file(fixture_set, "kf_sample")
     steps = record_steps(monkeypatch, KeyframeGuidance)
     progress = []
-    latents = sample_keyframes(keyframe, *keyframe_inputs(fixture_set), data["noise"],
-                               callback=lambda step, total: progress.append((step, total)))
+    latents = sample_keyframes(
+        keyframe,
+        *keyframe_inputs(fixture_set),
+        data["noise"],
+        callback=lambda step, total: progress.append((step, total)),
+    )
     assert latents.dtype == torch.float32
     assert_close("kf samples_z", latents, data["samples_z"])
     assert_trace("kf", steps, data)

@@ -36,7 +36,7 @@ def _reference_sizes(fixture_set: Path) -> dict:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _index_entries(fixture_set: Path) -> tuple[dict, ...]:
     index = json.loads((fixture_set / "pipeline_index.json").read_text())
     assert index["format"] == "keyface-pipeline-index-v1"
@@ -137,9 +137,7 @@ def to_index_entry(schedule: Schedule) -> dict:
             "frame_audio_src_runs": _runs(audio_by_frame),
         },
         "quirks": {
-            "dummy_slot_used_as_keyframe": any(
-                slot_frame(slot) is None for pair, _ in used_pairs for slot in pair
-            ),
+            "dummy_slot_used_as_keyframe": any(slot_frame(slot) is None for pair, _ in used_pairs for slot in pair),
             "max_segment_audio_start_minus_start_keyframe": max(start_lags),
             "output_length_differs_from_frames_used": schedule.n_output_frames != schedule.frames_used,
             "frames_with_shifted_audio": shifted,

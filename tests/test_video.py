@@ -126,10 +126,9 @@ def test_list_callback_map_and_tee_sinks():
 
 def test_exception_in_with_block_aborts_every_inner_sink():
     inner = FrameListSink()
-    with pytest.raises(RuntimeError):
-        with MapSink(lambda f: f, inner) as sink:
-            sink.write(np.zeros((4, 4, 3), np.uint8))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), MapSink(lambda f: f, inner) as sink:
+        sink.write(np.zeros((4, 4, 3), np.uint8))
+        raise RuntimeError("boom")
     assert inner.closed and inner.frames == []
 
 
@@ -217,24 +216,22 @@ def test_other_containers_and_fractional_fps(tmp_path, suffix):
 
 
 def test_frames_of_another_size_are_refused(tmp_path):
-    with pytest.raises(InputError, match="same size"):
-        with Mp4Writer(tmp_path / "x.mp4") as writer:
-            writer.write(np.zeros((32, 32, 3), np.uint8))
-            writer.write(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(InputError, match="same size"), Mp4Writer(tmp_path / "x.mp4") as writer:
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+        writer.write(np.zeros((32, 48, 3), np.uint8))
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
 def test_interruption_leaves_no_file_and_no_temp(tmp_path, interruption):
     path = tmp_path / "out.mp4"
-    with pytest.raises(interruption):
-        with Mp4Writer(path, audio=AudioTrack(stereo_sine(1.0), 44100)) as writer:
-            for index, frame in enumerate(to_uint8(synthetic_frames(10, 32, 32))):
-                writer.write(frame)
-                if index == 5:
-                    assert len(leftovers(tmp_path)) == 1  # the hidden temporary file, not out.mp4
-                    assert not path.exists()
-                    raise interruption()
+    with pytest.raises(interruption), Mp4Writer(path, audio=AudioTrack(stereo_sine(1.0), 44100)) as writer:
+        for index, frame in enumerate(to_uint8(synthetic_frames(10, 32, 32))):
+            writer.write(frame)
+            if index == 5:
+                assert len(leftovers(tmp_path)) == 1  # the hidden temporary file, not out.mp4
+                assert not path.exists()
+                raise interruption()
     assert leftovers(tmp_path) == []
 
 
@@ -251,10 +248,9 @@ def test_unclosed_writer_leaves_nothing_when_collected(tmp_path):
 def test_existing_file_is_replaced_only_on_success(tmp_path):
     path = tmp_path / "keep.mp4"
     path.write_bytes(b"previous")
-    with pytest.raises(RuntimeError):
-        with Mp4Writer(path) as writer:
-            writer.write(np.zeros((16, 16, 3), np.uint8))
-            raise RuntimeError
+    with pytest.raises(RuntimeError), Mp4Writer(path) as writer:
+        writer.write(np.zeros((16, 16, 3), np.uint8))
+        raise RuntimeError
     assert path.read_bytes() == b"previous"
     with Mp4Writer(path) as writer:
         writer.write(np.zeros((16, 16, 3), np.uint8))
@@ -264,7 +260,7 @@ def test_existing_file_is_replaced_only_on_success(tmp_path):
 def test_bad_output_paths_are_refused_before_any_work(tmp_path, monkeypatch):
     folder = tmp_path / "folder.mp4"
     folder.mkdir()
-    with pytest.raises(InputError, match=f"{folder} is a directory"):
+    with pytest.raises(InputError, match=f"{folder} is a folder"):
         Mp4Writer(folder)
     with pytest.raises(InputError, match="unsupported extension '.avi'"):
         Mp4Writer(tmp_path / "out.avi")
@@ -303,9 +299,9 @@ def test_disk_full_while_writing_gives_a_clear_error_and_leaves_nothing(tmp_path
 
     monkeypatch.setattr(Mp4Writer, "_mux", mux_until_full)
     path = tmp_path / "full.mp4"
-    with pytest.raises(KeyFaceError, match=f"writing {path} failed: No space left on device; free some disk space"):
-        with Mp4Writer(path, audio=AudioTrack(stereo_sine(1.0), 44100)) as writer:
-            writer.write_frames(to_uint8(synthetic_frames(10, 32, 32)))
+    full = f"writing {path} failed: No space left on device; free some disk space"
+    with pytest.raises(KeyFaceError, match=full), Mp4Writer(path, audio=AudioTrack(stereo_sine(1.0), 44100)) as writer:
+        writer.write_frames(to_uint8(synthetic_frames(10, 32, 32)))
     assert leftovers(tmp_path) == []
 
 

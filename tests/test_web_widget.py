@@ -103,7 +103,7 @@ class _PageHandler(http.server.SimpleHTTPRequestHandler):
         path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
         for prefix, target in self.routes.items():
             if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
-                relative = path[len(prefix):] if prefix.endswith("/") else ""
+                relative = path[len(prefix) :] if prefix.endswith("/") else ""
                 resolved = (target / relative).resolve() if relative else target
                 if resolved == target or target in resolved.parents:
                     return str(resolved)
@@ -146,9 +146,18 @@ def run(tmp_path_factory):
     server, base_url = _serve(folder)
     try:
         proc = subprocess.run(
-            ["node", str(TEST_WEB_DIR / "drive_widget.mjs"), f"{base_url}/index.html?{query}", str(screenshot),
-             str(folder / "chromium-profile"), str(cases)],
-            cwd=TEST_WEB_DIR, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S,
+            [
+                "node",
+                str(TEST_WEB_DIR / "drive_widget.mjs"),
+                f"{base_url}/index.html?{query}",
+                str(screenshot),
+                str(folder / "chromium-profile"),
+                str(cases),
+            ],
+            cwd=TEST_WEB_DIR,
+            capture_output=True,
+            text=True,
+            timeout=DRIVER_TIMEOUT_S,
         )
     finally:
         server.shutdown()

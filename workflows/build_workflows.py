@@ -26,20 +26,39 @@ PORTRAIT = "portrait.png"
 
 # The core nodes the examples use: inputs in order (name, kind, default) and outputs (ComfyUI 0.3.64).
 CORE_NODES = {
-    "LoadImage": {"inputs": [("image", "COMBO", PORTRAIT)], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                  "upload": ("IMAGEUPLOAD", "image")},
+    "LoadImage": {
+        "inputs": [("image", "COMBO", PORTRAIT)],
+        "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+        "upload": ("IMAGEUPLOAD", "image"),
+    },
     "PreviewImage": {"inputs": [("images", "IMAGE", None)], "outputs": []},
-    "ImageFromBatch": {"inputs": [("image", "IMAGE", None), ("batch_index", "INT", 0), ("length", "INT", 1)],
-                       "outputs": [("IMAGE", "IMAGE")]},
+    "ImageFromBatch": {
+        "inputs": [("image", "IMAGE", None), ("batch_index", "INT", 0), ("length", "INT", 1)],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
     "ImageBatch": {"inputs": [("image1", "IMAGE", None), ("image2", "IMAGE", None)], "outputs": [("IMAGE", "IMAGE")]},
-    "ImageSharpen": {"inputs": [("image", "IMAGE", None), ("sharpen_radius", "INT", 1), ("sigma", "FLOAT", 1.0),
-                                ("alpha", "FLOAT", 1.0)], "outputs": [("IMAGE", "IMAGE")]},
-    "UpscaleModelLoader": {"inputs": [("model_name", "COMBO", "RealESRGAN_x4plus.safetensors")],
-                           "outputs": [("UPSCALE_MODEL", "UPSCALE_MODEL")]},
+    "ImageSharpen": {
+        "inputs": [
+            ("image", "IMAGE", None),
+            ("sharpen_radius", "INT", 1),
+            ("sigma", "FLOAT", 1.0),
+            ("alpha", "FLOAT", 1.0),
+        ],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
+    "UpscaleModelLoader": {
+        "inputs": [("model_name", "COMBO", "RealESRGAN_x4plus.safetensors")],
+        "outputs": [("UPSCALE_MODEL", "UPSCALE_MODEL")],
+    },
 }
-CORE_TITLES = {"LoadImage": "Load Image", "PreviewImage": "Preview Image", "ImageFromBatch": "Image From Batch",
-               "ImageBatch": "Batch Images", "ImageSharpen": "Image Sharpen",
-               "UpscaleModelLoader": "Load Upscale Model"}
+CORE_TITLES = {
+    "LoadImage": "Load Image",
+    "PreviewImage": "Preview Image",
+    "ImageFromBatch": "Image From Batch",
+    "ImageBatch": "Batch Images",
+    "ImageSharpen": "Image Sharpen",
+    "UpscaleModelLoader": "Load Upscale Model",
+}
 NOTE = "MarkdownNote"  # a frontend-only node: in the UI file, not in the API file
 
 
@@ -161,24 +180,47 @@ def ui_workflow(graph: Graph, nodes: dict) -> dict:
             inputs.append({"name": "upload", "type": kind, "widget": {"name": "upload"}, "link": None})
             values.append(value)
         outputs = [
-            {"name": name, "type": kind, "links": [row[0] for row in link_rows if row[1] == node.id and row[2] == i]
-             or None}
+            {
+                "name": name,
+                "type": kind,
+                "links": [row[0] for row in link_rows if row[1] == node.id and row[2] == i] or None,
+            }
             for i, (name, kind) in enumerate(spec.outputs)
         ]
         ui_node = {
-            "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
-            "order": order[node.id], "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": node.type}, "widgets_values": values,
+            "id": node.id,
+            "type": node.type,
+            "pos": list(node.pos),
+            "size": list(node.size),
+            "flags": {},
+            "order": order[node.id],
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outputs,
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": values,
         }
         if node.title:
             ui_node["title"] = node.title
         ui_nodes.append(ui_node)
     for note in graph.notes:
-        ui_nodes.append({
-            "id": note.id, "type": NOTE, "pos": list(note.pos), "size": list(note.size), "flags": {},
-            "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
-            "widgets_values": [note.widgets["text"]], "color": "#432", "bgcolor": "#653",
-        })
+        ui_nodes.append(
+            {
+                "id": note.id,
+                "type": NOTE,
+                "pos": list(note.pos),
+                "size": list(note.size),
+                "flags": {},
+                "order": len(ui_nodes),
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [note.widgets["text"]],
+                "color": "#432",
+                "bgcolor": "#653",
+            }
+        )
     for row in link_rows:  # the input slot index, now that every node's input list is known
         ui_node = next(n for n in ui_nodes if n["id"] == row[3])
         row[4] = next(i for i, entry in enumerate(ui_node["inputs"]) if entry["name"] == row[4])
@@ -202,8 +244,9 @@ def api_workflow(graph: Graph, nodes: dict, titles: dict[str, str]) -> dict:
     for node in sorted(graph.nodes, key=lambda n: n.id):
         inputs = {}
         for slot in specs[node.id].inputs:
-            link = next(((src, out) for src, out, dst, name in graph.links if dst == node.id and name == slot.name),
-                        None)
+            link = next(
+                ((src, out) for src, out, dst, name in graph.links if dst == node.id and name == slot.name), None
+            )
             if link is not None:
                 src, output = link
                 inputs[slot.name] = [str(src), [name for name, _ in specs[src].outputs].index(output)]
@@ -211,18 +254,25 @@ def api_workflow(graph: Graph, nodes: dict, titles: dict[str, str]) -> dict:
                 inputs[slot.name] = ""  # what the frontend sends for its audio player
             elif is_widget(slot):
                 inputs[slot.name] = node.widgets.get(slot.name, slot.default)
-        prompt[str(node.id)] = {"class_type": node.type, "inputs": inputs,
-                                "_meta": {"title": node.title or titles[node.type]}}
+        prompt[str(node.id)] = {
+            "class_type": node.type,
+            "inputs": inputs,
+            "_meta": {"title": node.title or titles[node.type]},
+        }
     return prompt
 
 
 # --------------------------------------------------------------------------------------------------- graphs
 
-EMOTION_CURVE = json.dumps({
-    "format": "keyface-emotion-v1", "interpolation": "smooth", "accentuate": 1.0,
-    "valence": [[0.0, 0.0], [4.0, 0.85], [10.0, 0.85], [14.0, -0.85]],
-    "arousal": [[0.0, 0.0], [4.0, 0.75], [10.0, 0.75], [14.0, -0.35]],
-})
+EMOTION_CURVE = json.dumps(
+    {
+        "format": "keyface-emotion-v1",
+        "interpolation": "smooth",
+        "accentuate": 1.0,
+        "valence": [[0.0, 0.0], [4.0, 0.85], [10.0, 0.85], [14.0, -0.85]],
+        "arousal": [[0.0, 0.0], [4.0, 0.75], [10.0, 0.75], [14.0, -0.35]],
+    }
+)
 
 
 def base_nodes(audio_file: str = SPEECH, sampler: dict | None = None) -> list[Node]:
@@ -254,67 +304,91 @@ def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = 
 GRAPHS = [
     Graph(
         "keyface_portrait_speech",
-        base_nodes() + [
+        base_nodes()
+        + [
             Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200)),
             Node(7, "KeyFaceVideoCombine", (1420, 120), (320, 420)),
         ],
         BASE_LINKS + [(5, "keyframes", 6, "keyframes"), (6, "video", 7, "video")],
-        [note(20, (0, -280), "## KeyFace: portrait + speech\n\nPut a portrait (`portrait.png`) and a speech "
-              "recording (`speech.wav`) into ComfyUI's input folder, or pick your own files in **Load Image** and "
-              "**KeyFace Load Audio**. The weights go into `models/keyface/` (see KeyFace Model Loader's help). "
-              "The video is written to `output/video/` and plays in **KeyFace Video Combine**.")],
+        [
+            note(
+                20,
+                (0, -280),
+                "## KeyFace: portrait + speech\n\nPut a portrait (`portrait.png`) and a speech "
+                "recording (`speech.wav`) into ComfyUI's input folder, or pick your own files in **Load Image** and "
+                "**KeyFace Load Audio**. The weights go into `models/keyface/` (see KeyFace Model Loader's help). "
+                "The video is written to `output/video/` and plays in **KeyFace Video Combine**.",
+            )
+        ],
     ),
     Graph(
         "keyface_emotion_curve",
-        base_nodes() + [
+        base_nodes()
+        + [
             Node(9, "KeyFaceEmotionCurve", (360, 680), (440, 360), {"emotion": EMOTION_CURVE, "duration": 19.2}),
             Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200)),
             Node(7, "KeyFaceVideoCombine", (1420, 120), (320, 420), {"filename_prefix": "video/KeyFace_emotion"}),
         ],
-        BASE_LINKS + [
+        BASE_LINKS
+        + [
             (4, "duration", 9, "duration"),
             (9, "emotion", 5, "emotion"),
             (5, "keyframes", 6, "keyframes"),
             (6, "video", 7, "video"),
             (2, "crop", 7, "crop"),
         ],
-        [note(20, (0, -280), "## Emotion across the clip\n\nThe curve goes from neutral to happy (4-10 s) to sad "
-              "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
-              "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
-              "face back into the full portrait (crop input).")],
+        [
+            note(
+                20,
+                (0, -280),
+                "## Emotion across the clip\n\nThe curve goes from neutral to happy (4-10 s) to sad "
+                "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
+                "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
+                "face back into the full portrait (crop input).",
+            )
+        ],
     ),
     Graph(
         "keyface_long_form_upscaled",
-        base_nodes("speech_long.wav", {"keyframe_image_size": 0}) + [
+        base_nodes("speech_long.wav", {"keyframe_image_size": 0})
+        + [
             Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200), {"segments_per_call": 4}),
             Node(10, "UpscaleModelLoader", (1060, 380), (320, 60)),
             Node(7, "KeyFaceVideoCombine", (1420, 120), (320, 420), {"filename_prefix": "video/KeyFace_long"}),
         ],
-        BASE_LINKS + [
+        BASE_LINKS
+        + [
             (5, "keyframes", 6, "keyframes"),
             (6, "video", 7, "video"),
             (10, "UPSCALE_MODEL", 7, "upscale_model"),
         ],
-        [note(20, (0, -280), "## Long form, upscaled\n\nFor minutes or hours of speech (`speech_long.wav`): the "
-              "keyframes are not decoded for preview (keyframe_image_size 0), four segments go through the "
-              "network per call, and **KeyFace Video Combine** upscales every frame with the upscale model "
-              "(e.g. `RealESRGAN_x4plus.safetensors` in `models/upscale_models/`) while it writes the mp4, so "
-              "memory stays flat. After Cancel, queue again: finished work resumes from the job folder.")],
+        [
+            note(
+                20,
+                (0, -280),
+                "## Long form, upscaled\n\nFor minutes or hours of speech (`speech_long.wav`): the "
+                "keyframes are not decoded for preview (keyframe_image_size 0), four segments go through the "
+                "network per call, and **KeyFace Video Combine** upscales every frame with the upscale model "
+                "(e.g. `RealESRGAN_x4plus.safetensors` in `models/upscale_models/`) while it writes the mp4, so "
+                "memory stays flat. After Cancel, queue again: finished work resumes from the job folder.",
+            )
+        ],
     ),
     Graph(
         "keyface_edit_keyframes",
-        base_nodes() + [
+        base_nodes()
+        + [
             Node(11, "ImageFromBatch", (1060, 760), (270, 100), {"batch_index": 0, "length": 1}, "Keyframes before"),
             Node(12, "ImageFromBatch", (1060, 890), (270, 100), {"batch_index": 1, "length": 1}, "Keyframe to edit"),
             Node(13, "ImageSharpen", (1360, 890), (270, 110), {"sharpen_radius": 2, "alpha": 1.5}, "Your edit"),
-            Node(14, "ImageFromBatch", (1060, 1020), (270, 100), {"batch_index": 2, "length": 4096},
-                 "Keyframes after"),
+            Node(14, "ImageFromBatch", (1060, 1020), (270, 100), {"batch_index": 2, "length": 4096}, "Keyframes after"),
             Node(15, "ImageBatch", (1660, 800), (160, 50)),
             Node(16, "ImageBatch", (1860, 900), (160, 50)),
             Node(6, "KeyFaceKeyframeInterpolator", (1860, 120), (320, 220)),
             Node(7, "KeyFaceVideoCombine", (2220, 120), (320, 420), {"filename_prefix": "video/KeyFace_edited"}),
         ],
-        BASE_LINKS + [
+        BASE_LINKS
+        + [
             (5, "keyframe_images", 11, "image"),
             (5, "keyframe_images", 12, "image"),
             (12, "IMAGE", 13, "image"),
@@ -327,12 +401,18 @@ GRAPHS = [
             (16, "IMAGE", 6, "edited_keyframes"),
             (6, "video", 7, "video"),
         ],
-        [note(20, (0, -280), "## Inspect and edit keyframes\n\n**Keyframes** shows every keyframe (one per 13 "
-              "frames). Keyframe 1 (video frame 13) is taken out, sharpened as a stand-in for your retouch, and "
-              "put back in place; the interpolator replaces the keyframes that changed and the motion follows. "
-              "Replace **Image Sharpen** with any edit (or save the keyframes, retouch them in an image editor and "
-              "load them back), keeping the number and order of the images. Needs audio of at least three "
-              "keyframes (1.1 s).")],
+        [
+            note(
+                20,
+                (0, -280),
+                "## Inspect and edit keyframes\n\n**Keyframes** shows every keyframe (one per 13 "
+                "frames). Keyframe 1 (video frame 13) is taken out, sharpened as a stand-in for your retouch, and "
+                "put back in place; the interpolator replaces the keyframes that changed and the motion follows. "
+                "Replace **Image Sharpen** with any edit (or save the keyframes, retouch them in an image editor and "
+                "load them back), keeping the number and order of the images. Needs audio of at least three "
+                "keyframes (1.1 s).",
+            )
+        ],
     ),
 ]
 

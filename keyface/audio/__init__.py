@@ -16,9 +16,6 @@ from .cache import FeatureCache, default_cache_dir
 from .encoders import AudioEncoder, WindowConfig
 from .features import AudioFeatureExtractor, AudioFeatures, combine_encoder_frames
 from .io import (
-    ENCODER_SAMPLE_RATE,
-    SAMPLES_PER_FRAME,
-    VIDEO_FPS,
     AudioClip,
     as_audio_clip,
     load_audio,
@@ -28,9 +25,6 @@ from .io import (
 )
 
 __all__ = [
-    "ENCODER_SAMPLE_RATE",
-    "SAMPLES_PER_FRAME",
-    "VIDEO_FPS",
     "AudioClip",
     "AudioEncoder",
     "AudioFeatureExtractor",

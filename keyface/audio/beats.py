@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import file_identity
 from .attention import RelativePositionBias, blockwise_attention, position_gate
 from .encoders import AudioEncoder
-from .weights import BEATS_ORIGIN, file_identity, read_unilm_checkpoint
+from .weights import BEATS_ORIGIN, read_unilm_checkpoint
 
 _WHAT = "BEATs checkpoint"
 
@@ -192,7 +193,9 @@ class _Encoder(nn.Module):
             hidden = self.layer_norm(hidden)
         position_bias = None
         if self.config.relative_position_embedding:
-            position_bias = RelativePositionBias(self.relative_attention_bias, hidden.shape[1], self.config.max_distance)
+            position_bias = RelativePositionBias(
+                self.relative_attention_bias, hidden.shape[1], self.config.max_distance
+            )
         for layer in self.layers:
             hidden = layer(hidden, position_bias)
         return self.layer_norm(hidden) if self.config.layer_norm_first else hidden

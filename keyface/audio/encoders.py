@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import ENCODER_SAMPLE_RATE
 from ..errors import InputError
-from .io import ENCODER_SAMPLE_RATE
 
 STATISTICS_CHUNK_SAMPLES = 16_000 * 10  # first-pass chunk for clip-wide statistics (10 s)
 

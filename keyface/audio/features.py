@@ -33,10 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..constants import SAMPLES_PER_FRAME
 from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..files import file_identity
 from .cache import FeatureCache
 from .encoders import AudioEncoder, WindowConfig, encode_blocks, plan_windows
-from .io import SAMPLES_PER_FRAME, AudioClip, as_audio_clip, num_video_frames, pad_to_frames, to_encoder_waveform
+from .io import AudioClip, as_audio_clip, num_video_frames, pad_to_frames, to_encoder_waveform
 from .weights import (
     BEATS_FILE,
     BEATS_ORIGIN,
@@ -45,7 +47,6 @@ from .weights import (
     WAVLM_FILE,
     WAVLM_HF_FOLDER,
     WAVLM_ORIGIN,
-    file_identity,
     require_path,
 )
 

@@ -24,11 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import ENCODER_SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..errors import InputError
 
-ENCODER_SAMPLE_RATE = 16_000  # spec §3.1: all three encoders run on 16 kHz audio
-VIDEO_FPS = 25
-SAMPLES_PER_FRAME = math.ceil(ENCODER_SAMPLE_RATE / VIDEO_FPS)  # 640, spec §3.1
 CHANNEL_MODES = ("default", "reference")
 
 # Scale of each PCM sample format to [-1, 1] (integer formats as torchaudio.load reads them: int16 / 32768).

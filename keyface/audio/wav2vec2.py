@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..files import file_identity
 from .speech_encoder import WAV2VEC2_NORMALISATION, TransformersSpeechEncoder
-from .weights import WAV2VEC2_ORIGIN, file_identity, require_path
+from .weights import WAV2VEC2_ORIGIN, require_path
 
 _WHAT = "wav2vec2 model folder"
 

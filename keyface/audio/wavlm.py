@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..files import file_identity
 from .speech_encoder import WAVLM_LAYER_NORM, TransformersSpeechEncoder
-from .weights import WAVLM_ORIGIN, file_identity, read_unilm_checkpoint, require_path
+from .weights import WAVLM_ORIGIN, read_unilm_checkpoint, require_path
 
 _WHAT = "WavLM checkpoint"
 

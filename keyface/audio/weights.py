@@ -45,9 +45,7 @@ WAV2VEC2_ORIGIN = (
 )
 
 _CFG_METADATA_KEY = "cfg"
-_REFUSED_PICKLE_HELP = (
-    "if you trust the file, convert it once with python -m keyface convert IN.pt OUT.safetensors and use OUT.safetensors"
-)
+_REFUSED_PICKLE_HELP = "if you trust the file, convert it once with python -m keyface convert IN.pt OUT.safetensors and use OUT.safetensors"
 
 
 @dataclass(frozen=True)
@@ -104,21 +102,6 @@ def save_unilm_checkpoint(target: str | os.PathLike, cfg: dict, state_dict: dict
     finally:
         partial.unlink(missing_ok=True)
     return target
-
-
-def file_identity(path: str | os.PathLike) -> str:
-    """What identifies a weight file or folder for the feature cache: resolved path, size and mtime (ns).
-
-    A folder is identified by every file directly inside it. Content hashes are not used: they would cost
-    a full read of hundreds of MB on every run.
-    """
-    path = Path(path).expanduser().resolve()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    parts = []
-    for file in files:
-        stat = file.stat()
-        parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
-    return "|".join(parts)
 
 
 def _torch_load(path: Path, what: str):

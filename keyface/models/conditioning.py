@@ -59,9 +59,7 @@ class KeyframeConditioning:
 
     def unconditional(self) -> KeyframeConditioning:
         """Audio and identity dropped; emotion is never dropped (``force_uc_zero_embeddings``, spec §2)."""
-        return KeyframeConditioning(
-            torch.zeros_like(self.identity), torch.zeros_like(self.audio_tokens), self.emotion
-        )
+        return KeyframeConditioning(torch.zeros_like(self.identity), torch.zeros_like(self.audio_tokens), self.emotion)
 
     @staticmethod
     def cat(parts: list[KeyframeConditioning]) -> KeyframeConditioning:

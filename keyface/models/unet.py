@@ -46,10 +46,16 @@ class KeyFaceUNet(UNetSpatioTemporalConditionModel):
         sample_size: int | None = None,
     ):
         super().__init__(
-            sample_size=sample_size, num_frames=num_frames, in_channels=in_channels, out_channels=out_channels,
-            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
-            down_block_types=down_block_types, up_block_types=up_block_types,
-            cross_attention_dim=cross_attention_dim, num_attention_heads=num_attention_heads,
+            sample_size=sample_size,
+            num_frames=num_frames,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            cross_attention_dim=cross_attention_dim,
+            num_attention_heads=num_attention_heads,
             transformer_layers_per_block=transformer_layers_per_block,
             addition_time_embed_dim=addition_time_embed_dim,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
@@ -112,9 +118,7 @@ class KeyFaceUNet(UNetSpatioTemporalConditionModel):
             )
         up_factor = 2**self.num_upsamplers
         if sample.shape[-2] % up_factor or sample.shape[-1] % up_factor:
-            raise InputError(
-                f"latent size {tuple(sample.shape[-2:])} must be a multiple of {up_factor} for this UNet"
-            )
+            raise InputError(f"latent size {tuple(sample.shape[-2:])} must be a multiple of {up_factor} for this UNet")
 
         dtype = sample.dtype
         tokens = context.flatten(0, 1)
