@@ -6,7 +6,7 @@ the official full-size configuration (spec §1.1, §4, §10). A configuration co
 * the defaults / :meth:`StageConfig.official` (the released KeyFace checkpoints);
 * a fixture set's ``config.json`` (format ``keyface-fixture-config-v1``): :meth:`StageConfig.from_fixture_config`;
 * our own JSON (format ``keyface-stage-config-v1``): :meth:`StageConfig.to_json` / :meth:`StageConfig.from_json`;
-* a checkpoint's tensor shapes: :meth:`StageConfig.from_checkpoint` (implemented in ``keyface.checkpoints``).
+* a checkpoint's tensor shapes: :func:`keyface.checkpoints.read_stage_config` (this module imports no checkpoint code).
 
 This module imports nothing heavy (no torch).
 """
@@ -282,13 +282,6 @@ class StageConfig:
         if str(data.get("format", "")).startswith(FIXTURE_CONFIG_FORMAT_PREFIX):
             return cls.from_fixture_config(data, kind)
         return cls.from_dict(data, str(path))
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path) -> StageConfig:
-        """Infer the configuration from a checkpoint's tensor shapes (see ``keyface.checkpoints``)."""
-        from .checkpoints import read_stage_config
-
-        return read_stage_config(path)
 
     def with_head_channels(self, num_head_channels: int) -> StageConfig:
         return replace(self, unet=replace(self.unet, num_head_channels=num_head_channels))

@@ -25,15 +25,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .errors import KeyFaceError
+from .checkpoints.formats import read_safetensors
+from .errors import CheckpointError, KeyFaceError
+from .files import atomic_write
 from .paths import default_cache_root
 
 logger = logging.getLogger(__name__)
@@ -192,34 +192,26 @@ class JobFolder:
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            return load_file(str(path))[_LATENTS], metadata
-        except (OSError, SafetensorError, KeyError) as error:
+            tensors, metadata = read_safetensors(path, what="job file")
+            return tensors[_LATENTS], metadata
+        except (CheckpointError, KeyError) as error:
             logger.warning("ignoring unreadable job file %s (%s); it will be recomputed", path, error)
             return None
 
     def _save(self, path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> None:
-        temp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-            os.close(handle)
-            save_file({_LATENTS: latents.detach().to("cpu", torch.float32).contiguous()}, temp, metadata=metadata)
-            os.replace(temp, path)
         except OSError as error:
-            if temp is not None:
-                Path(temp).unlink(missing_ok=True)
             raise KeyFaceError(
                 f"cannot save finished work to the job folder {self.path}: {error.strerror or error}; "
                 "free some disk space or choose another job folder"
             ) from error
+        with atomic_write(path, f"job folder {self.path}: file") as temp:
+            save_file({_LATENTS: latents.detach().to("cpu", torch.float32).contiguous()}, temp, metadata=metadata)
 
     def _write_text(self, path: Path, text: str) -> None:
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temp, path)
+        with atomic_write(path, f"job folder {self.path}: file") as temp:
+            temp.write_text(text)
 
     def _clear(self) -> None:
         for child in self.path.iterdir():

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from ..checkpoints.formats import read_safetensors, torch_load
 from ..errors import CheckpointError, MissingWeightsError
+from ..files import atomic_write
 
 WAVLM_FILE = "WavLM-Base+.pt"
 BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
@@ -45,7 +46,8 @@ WAV2VEC2_ORIGIN = (
 )
 
 _CFG_METADATA_KEY = "cfg"
-_REFUSED_PICKLE_HELP = "if you trust the file, convert it once with python -m keyface convert IN.pt OUT.safetensors and use OUT.safetensors"
+# Where a damaged unilm file (WavLM or BEATs .pt) is downloaded again.
+_UNILM_SOURCE = "the Microsoft unilm release"
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,9 @@ def read_unilm_checkpoint(path: str | os.PathLike, what: str, origin: str) -> Un
     if path.is_dir():
         raise CheckpointError(f"{what}: {path} is a folder; pass the checkpoint file itself (.pt or .safetensors)")
     if path.suffix == ".safetensors":
-        state_dict = _read_safetensors(path, what)
-        return UnilmCheckpoint(_find_cfg_for_safetensors(path, what), state_dict, path)
-    checkpoint = _torch_load(path, what)
+        state_dict, _ = read_safetensors(path, what=what, source=_UNILM_SOURCE)
+        return UnilmCheckpoint(_find_cfg_for_safetensors(path, what, origin), state_dict, path)
+    checkpoint = torch_load(path, what=what, source=_UNILM_SOURCE)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("cfg"), dict) or "model" not in checkpoint:
         raise CheckpointError(
             f"{what}: {path} is not an original unilm checkpoint (expected a dict with 'cfg' and 'model'). {origin}."
@@ -82,7 +84,7 @@ def read_unilm_checkpoint(path: str | os.PathLike, what: str, origin: str) -> Un
 
 
 def save_unilm_checkpoint(target: str | os.PathLike, cfg: dict, state_dict: dict[str, torch.Tensor]) -> Path:
-    """Write a unilm-named state dict, atomically (temporary file + rename); returns the path written.
+    """Write a unilm-named state dict through :func:`keyface.files.atomic_write`; returns the path written.
 
     ``.safetensors``: the tensors with ``cfg`` (JSON) in the metadata, read without the original .pt.
     ``.pt``: the released layout itself, ``{'cfg': cfg, 'model': state dict}``, which ``weights_only`` loading reads.
@@ -90,58 +92,16 @@ def save_unilm_checkpoint(target: str | os.PathLike, cfg: dict, state_dict: dict
     target = Path(target)
     # cloned: tied tensors (BEATs' shared position-bias table) share storage, which safetensors refuses
     tensors = {key: value.detach().cpu().clone().contiguous() for key, value in state_dict.items()}
-    partial = target.with_name(target.name + ".partial")
-    try:
+    with atomic_write(target, "audio encoder output") as temp:
         if target.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(partial), metadata={_CFG_METADATA_KEY: json.dumps(cfg)})
+            save_file(tensors, str(temp), metadata={_CFG_METADATA_KEY: json.dumps(cfg)})
         else:
-            torch.save({"cfg": dict(cfg), "model": tensors}, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+            torch.save({"cfg": dict(cfg), "model": tensors}, temp)
     return target
 
 
-def _torch_load(path: Path, what: str):
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except pickle.UnpicklingError as error:
-        lines = str(error).splitlines()
-        detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise CheckpointError(
-            f"{what}: {path} holds Python objects that torch.load(weights_only=True) refuses to load ({detail}). "
-            f"KeyFace never unpickles arbitrary objects; {_REFUSED_PICKLE_HELP}"
-        ) from error
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{what}: {path} is not a readable PyTorch checkpoint ({error})") from error
-
-
-def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{what}: {path} is not a readable safetensors file ({error})") from error
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return handle.metadata() or {}
-
-
-def _find_cfg_for_safetensors(path: Path, what: str) -> dict:
-    metadata = _safetensors_metadata(path)
+def _find_cfg_for_safetensors(path: Path, what: str, origin: str) -> dict:
+    _, metadata = read_safetensors(path, (), what=what, source=_UNILM_SOURCE)
     if _CFG_METADATA_KEY in metadata:
         return _parse_cfg_json(metadata[_CFG_METADATA_KEY], f"{path} (metadata '{_CFG_METADATA_KEY}')", what)
     stems = [path.name[: -len(".safetensors")]]
@@ -154,7 +114,7 @@ def _find_cfg_for_safetensors(path: Path, what: str) -> dict:
     for stem in stems:
         original = path.with_name(stem + ".pt")
         if original.is_file():
-            checkpoint = _torch_load(original, what)
+            checkpoint = torch_load(original, what=what, source=_UNILM_SOURCE)
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get("cfg"), dict):
                 return dict(checkpoint["cfg"])
     raise CheckpointError(
