@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -173,14 +172,6 @@ class JobFolder:
     def remove(self) -> None:
         """Delete the whole folder (after a finished job whose work need not be kept)."""
         shutil.rmtree(self.path, ignore_errors=True)
-
-    def touch(self) -> None:
-        """Mark the job as recently used (for :func:`prune_jobs`)."""
-        now = time.time()
-        try:
-            os.utime(self.path / _MANIFEST, (now, now))
-        except OSError:
-            pass
 
     def _keyframe_path(self, batch: int) -> Path:
         return self.path / "keyframes" / f"batch_{batch:06d}.safetensors"
