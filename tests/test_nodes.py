@@ -780,6 +780,8 @@ def test_model_names_cannot_leave_the_models_folder(demo_models, workspace):
 
 
 def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
+    """Same files, device and precision: the loaded networks are reused. Explicit cpu/fp32 on both loads, so the
+    cache key is the same on any machine (``auto`` means bf16 on CUDA) and whatever ran before."""
     loader = NODES["KeyFaceModelLoader"]
     spec = loader.INPUT_TYPES()["required"]
     assert {"keyframe.safetensors", "interpolation.safetensors"} <= set(spec["keyframe"][0])
@@ -787,8 +789,10 @@ def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
     assert spec["autoguidance"][1]["default"] == "interpolation_bad.safetensors"
     assert spec["vae"][0] == ["vae"] and spec["wav2vec2"][1]["default"] == "wav2vec2-base-960h"
     assert model.models.image_size > 0 and model.device.type == "cpu" and not model.offloads
-    (again,) = run("KeyFaceModelLoader", device="auto")  # same files: no re-reading, only the device policy
-    assert again.models is model.models
+    (first,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    (again,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    assert again.models is first.models  # same files: no re-reading
+    assert first.models.image_size == model.models.image_size
 
 
 def test_a_checkpoint_of_the_wrong_stage_is_refused(model):
