@@ -95,7 +95,7 @@ def child(args) -> None:
     clock = PhaseClock()
     import keyface.loading
     from keyface.audio.features import AudioFeatureExtractor
-    from keyface.generate import generate_video
+    from keyface.generate import GenerationRequest, generate_video
     from keyface.pipeline import GenerationSettings, KeyFaceModels
 
     clock.wrap(keyface.loading, "load_models", "load_models")
@@ -107,9 +107,8 @@ def child(args) -> None:
 
     clock.charge("setup")  # the imports above
     settings = GenerationSettings(segments_per_call=args.segments_per_call)
-    out = generate_video(
-        args.image, args.audio, args.out, args.models, settings=settings, device=args.device, progress=on_progress
-    )
+    request = GenerationRequest(args.image, args.audio, args.out, args.models, settings=settings, device=args.device)
+    out = generate_video(request, progress=on_progress)
     clock.charge("finalise")
     clock.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import KeyFaceError
@@ -88,6 +89,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         help="identity crop: center (default), auto (face detection) or x,y,size in source pixels",
     )
     group.add_argument(
+        "--face-index", type=int, default=None, help="which face when there are several (0 = the largest, default)"
+    )
+    group.add_argument(
         "--paste-back", action="store_true", help="paste the animated face back into the full original picture"
     )
     group.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; default 18)")
@@ -156,9 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr: what happened and what to do, without Python's source location."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    with warnings.catch_warnings():
+        if not args.verbose:
+            warnings.showwarning = _print_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "generate":
             from .generate import generate_from_files

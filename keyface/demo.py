@@ -523,7 +523,8 @@ def run_demo(out: str | os.PathLike, seconds: float = 3.0, models_folder: str | 
     inputs to a temporary folder. Prints where everything is and why the result is noise; returns ``out``.
     """
     from .checkpoints import KEYFACE_WEIGHTS_SOURCE
-    from .generate import generate_video, progress_bar
+    from .generate import GenerationRequest, generate_video
+    from .progress import terminal_progress_bar
 
     seconds = check_seconds(seconds)
     models = Path(models_folder).expanduser() if models_folder is not None else default_demo_folder()
@@ -536,16 +537,11 @@ def run_demo(out: str | os.PathLike, seconds: float = 3.0, models_folder: str | 
     write_demo_weights(models)
     with tempfile.TemporaryDirectory(prefix="keyface-demo-") as inputs:
         image, audio = write_demo_inputs(inputs, seconds)
-        with progress_bar() as (on_progress, on_audio):
-            path = generate_video(
-                image,
-                audio,
-                out,
-                models,
-                emotion=f"neutral at 0 s, happy at {seconds / 2:g} s",
-                progress=on_progress,
-                audio_progress=on_audio,
-            )
+        request = GenerationRequest(
+            image, audio, Path(out), models, emotion=f"neutral at 0 s, happy at {seconds / 2:g} s"
+        )
+        with terminal_progress_bar() as on_event:
+            path = generate_video(request, progress=on_event)
     print(
         f"wrote {path} ({seconds:g} s, {TINY.image_size}x{TINY.image_size} pixels, with the audio).\n"
         "The picture is noise: the demo's networks are tiny and their weights random. It shows the pipeline "

@@ -213,7 +213,7 @@ def parse_emotion(value: Any, interpolation: str | None = None, accentuate: floa
             raise InputError("emotion: empty text; give a name such as 'neutral', a timed list or JSON")
         if text.startswith("{"):
             curve = EmotionCurve.from_json(text)
-        elif re.search(r"\s(at|@)\s*[0-9.]|@", text):
+        elif re.search(r"\bat\b|@|[,;\n]", text.lower()):  # a timed list, however badly typed
             curve = EmotionCurve.from_keys(_parse_timed_list(text))
         else:
             curve = EmotionCurve.constant(text)

@@ -8,19 +8,16 @@ streaming into the mp4 writer.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .constants import RELEASED_IMAGE_SIZE, VIDEO_FPS
 from .errors import InputError
-from .pipeline import Conditioning, GenerationSettings, ProgressCallback, TalkingHeadJob
+from .pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+from .progress import AUDIO_FEATURES, ProgressCallback, counting, terminal_progress_bar
 from .schedule import REFERENCE
 
 logger = logging.getLogger(__name__)
-
-# The image size of the released models (spec §4); crops are made at this size and resized to the model's.
 
 
 def read_emotion_argument(value: str) -> str:
@@ -43,29 +40,43 @@ def check_frame_rate(fps: float) -> None:
         )
 
 
-def generate_video(
-    image: str | os.PathLike,
-    audio: str | os.PathLike,
-    out: str | os.PathLike,
-    models_folder: str | os.PathLike,
-    *,
-    emotion: str = "neutral",
-    settings: GenerationSettings = GenerationSettings(),
-    device: str = "auto",
-    precision: str = "auto",
-    crop: str = "center",
-    paste_back: bool = False,
-    crf: int = 18,
-    fps: float = VIDEO_FPS,
-    job_dir: str | os.PathLike | None = None,
-    keep_job: bool = False,
-    progress: ProgressCallback | None = None,
-    audio_progress: Callable[[int, int], None] | None = None,
-) -> Path:
+def audio_feature_mode(schedule: str) -> str:
+    """Which audio features a schedule samples with: the reference schedule uses the original's channel
+    arithmetic ("reference"), every other schedule the aligned one ("default")."""
+    return "reference" if schedule == REFERENCE else "default"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one :func:`generate_video` call needs: the files, how to sample, where to run, what to write.
+
+    ``names`` maps an input to what the user calls it in error messages (the CLI: ``--steps`` for ``num_steps``).
+    """
+
+    image: Path
+    audio: Path
+    out: Path
+    models_folder: Path
+    emotion: str = "neutral"
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    device: str = "auto"
+    precision: str = "auto"
+    crop: str = "center"
+    face_index: int | None = None
+    paste_back: bool = False
+    crf: int = 18
+    fps: float = VIDEO_FPS
+    job_dir: Path | None = None
+    keep_job: bool = False
+
+
+def generate_video(request: GenerationRequest, progress: ProgressCallback | None = None) -> Path:
     """Portrait + audio -> talking-head mp4 with the original audio; returns the output path.
 
-    An interrupted run (Ctrl-C, crash) leaves no file under ``out``; running it again with the same inputs
-    and settings resumes from the job folder (default ``.<out name>.keyface-job`` next to ``out``).
+    ``progress`` receives every :class:`~keyface.progress.ProgressEvent` (audio features, then keyframes,
+    interpolation and frames). An interrupted run (Ctrl-C, crash) leaves no file under ``request.out``; running it
+    again with the same inputs and settings resumes from the job folder (default ``.<out name>.keyface-job``
+    next to the output).
     """
     from .audio.features import AudioFeatureExtractor
     from .audio.io import load_audio
@@ -75,103 +86,87 @@ def generate_video(
     from .loading import find_model_files, load_models, resolve_device, resolve_dtype
     from .video import AudioTrack, MapSink, Mp4Writer
 
-    check_frame_rate(fps)
-    curve = parse_emotion(read_emotion_argument(emotion))
-    crop_request = parse_crop(crop)
-    files = find_model_files(models_folder, autoguidance=settings.autoguidance_scale != 1.0)
-    torch_device = resolve_device(device)
-    dtype = resolve_dtype(precision, torch_device)
-    clip = load_audio(audio)
-    picture = load_identity_image(image, name=f"--image {image}")
-    face = crop_face(picture, crop_request, size=RELEASED_IMAGE_SIZE)
-    out = Path(out).expanduser()
-    writer = Mp4Writer(out, fps=round(fps), audio=AudioTrack.muxable(clip.waveform, clip.sample_rate), crf=crf)
+    settings = request.settings
+    check_frame_rate(request.fps)
+    curve = parse_emotion(read_emotion_argument(request.emotion))
+    crop_request = parse_crop(request.crop)
+    files = find_model_files(request.models_folder, autoguidance=settings.autoguidance_scale != 1.0)
+    torch_device = resolve_device(request.device)
+    dtype = resolve_dtype(request.precision, torch_device)
+    clip = load_audio(request.audio)
+    picture = load_identity_image(request.image, name=f"--image {request.image}")
+    face = crop_face(picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index)
+    out = Path(request.out).expanduser()
+    audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
+    writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
     with writer:
         models = load_models(files, torch_device, dtype)
         extractor = AudioFeatureExtractor.from_folder(files.audio, device=torch_device)
         features = extractor.extract(
-            clip, mode="reference" if settings.schedule == REFERENCE else "default", progress=audio_progress
+            clip, mode=audio_feature_mode(settings.schedule), progress=counting(progress, AUDIO_FEATURES)
         )
         valence, arousal = curve.per_frame(features.num_frames)
         conditioning = Conditioning(
             models.encode_image(face.image), features.keyframe, features.interpolation, valence, arousal
         )
-        folder = Path(job_dir).expanduser() if job_dir is not None else out.parent / f".{out.name}.keyface-job"
+        folder = (
+            Path(request.job_dir).expanduser()
+            if request.job_dir is not None
+            else out.parent / f".{out.name}.keyface-job"
+        )
         job = TalkingHeadJob(models, conditioning, settings, job_folder=folder, progress=progress)
-        sink = MapSink(PasteBack(picture, face.info), writer) if paste_back else writer
+        sink = MapSink(PasteBack(picture, face.info), writer) if request.paste_back else writer
         job.run(sink)
-    if not keep_job:
+    if not request.keep_job:
         job.folder.remove()
     return out
 
 
-@contextmanager
-def progress_bar() -> Iterator[tuple[ProgressCallback, Callable[[int, int], None]]]:
-    """A tqdm bar on the terminal for :func:`generate_video`: yields its ``(progress, audio_progress)`` callbacks
-    (audio windows first, then the stage, segment and step of every sampler step and output frame, with ETA).
+# GenerationSettings fields -> the CLI flag that sets them, for messages about a value the user typed.
+CLI_FLAGS = {
+    "num_steps": "--steps",
+    "audio_scale": "--audio-scale",
+    "identity_scale": "--identity-scale",
+    "autoguidance_scale": "--autoguidance-scale",
+    "seed": "--seed",
+    "schedule": "--schedule",
+    "segments_per_call": "--segments-per-call",
+}
 
-    The bar appears with the first report, so an input error found before any work prints nothing but itself.
-    """
-    from tqdm import tqdm
 
-    bar = None
-
-    def shown(description: str):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=0, unit="step", dynamic_ncols=True, desc=description)
-        return bar
-
-    def on_audio(done: int, total: int) -> None:
-        audio_bar = shown("audio features")
-        audio_bar.total = total
-        audio_bar.n = done
-        audio_bar.refresh()
-
-    def on_progress(event) -> None:
-        stage_bar = shown(event.stage)
-        if stage_bar.total != event.total:
-            stage_bar.reset(total=event.total)
-        stage_bar.set_description(event.stage, refresh=False)
-        stage_bar.set_postfix_str(event.detail, refresh=False)
-        stage_bar.update(event.completed - stage_bar.n)
-
+def settings_from_arguments(args) -> GenerationSettings:
+    """The CLI's sampling flags as :class:`GenerationSettings`; a refused value is named by its flag."""
+    values = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in CLI_FLAGS.items()}
     try:
-        yield on_progress, on_audio
-    finally:
-        if bar is not None:
-            bar.close()
+        return GenerationSettings(**values)
+    except InputError as error:
+        message = str(error)
+        for name, flag in CLI_FLAGS.items():
+            if message.startswith(name):
+                raise InputError(flag + message[len(name) :]) from None
+        raise
 
 
 def generate_from_files(args) -> Path:
     """``python -m keyface generate``: parsed arguments -> :func:`generate_video` with a tqdm progress bar."""
-    settings = GenerationSettings(
-        num_steps=args.steps,
-        audio_scale=args.audio_scale,
-        identity_scale=args.identity_scale,
-        autoguidance_scale=args.autoguidance_scale,
-        seed=args.seed,
-        schedule=args.schedule,
-        segments_per_call=args.segments_per_call,
+    request = GenerationRequest(
+        image=args.image,
+        audio=args.audio,
+        out=args.out,
+        models_folder=args.models,
+        emotion=args.emotion,
+        settings=settings_from_arguments(args),
+        device=args.device,
+        precision=args.precision,
+        crop=args.crop,
+        face_index=args.face_index,
+        paste_back=args.paste_back,
+        crf=args.crf,
+        fps=args.fps,
+        job_dir=args.job_dir,
+        keep_job=args.keep_job,
     )
-    with progress_bar() as (on_progress, on_audio):
-        out = generate_video(
-            args.image,
-            args.audio,
-            args.out,
-            args.models,
-            emotion=args.emotion,
-            settings=settings,
-            device=args.device,
-            precision=args.precision,
-            crop=args.crop,
-            paste_back=args.paste_back,
-            crf=args.crf,
-            fps=args.fps,
-            job_dir=args.job_dir,
-            keep_job=args.keep_job,
-            progress=on_progress,
-            audio_progress=on_audio,
-        )
+    with terminal_progress_bar() as on_event:
+        out = generate_video(request, progress=on_event)
     print(f"wrote {out}")
     return out

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ import torch
 from .errors import InputError
 from .jobs import JobFolder, tensor_digest
 from .noise import DEFAULT_SEED, NoiseSource, SeededNoise
+from .progress import FRAMES, INTERPOLATION, KEYFRAMES, ProgressCallback, ProgressCounter
 from .sampling import (
     AUTOGUIDANCE_SCALE,
     DEFAULT_NUM_STEPS,
@@ -87,6 +88,11 @@ class GenerationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InputError(f"{name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise InputError(
+                    f"{name} must be >= 0, got {value!r}: a negative scale would invert the guidance (steer away "
+                    "from what it conditions on); use 0 to switch it off"
+                )
         if self.schedule not in SCHEDULE_MODES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {self.schedule!r}")
         if (
@@ -198,31 +204,6 @@ class Conditioning:
         }
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Progress of one long call: ``completed`` of ``total`` units (a unit = one sampler step of one keyframe
-    batch or one segment, or one decoded output frame). ``preview``: a finished keyframe, uint8 (H, W, 3)."""
-
-    stage: str
-    completed: int
-    total: int
-    detail: str
-    preview: np.ndarray | None = None
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-
-class _Progress:
-    def __init__(self, total: int, callback: ProgressCallback | None):
-        self.total, self.completed, self.callback = total, 0, callback
-
-    def advance(self, units: int, stage: str, detail: str, preview: np.ndarray | None = None) -> None:
-        self.completed = min(self.completed + units, self.total)
-        if self.callback is not None:
-            self.callback(ProgressEvent(stage, self.completed, self.total, detail, preview))
-
-
 class TalkingHeadJob:
     """One talking-head video: plans it, computes what is asked for, and streams the frames.
 
@@ -284,7 +265,7 @@ class TalkingHeadJob:
         self._batches: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._segments: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._replaced: dict[int, torch.Tensor] = {}
-        self._progress = _Progress(0, None)
+        self._progress = ProgressCounter(0, None)
 
     def with_settings(self, **changes) -> TalkingHeadJob:
         """This job with some settings changed (e.g. stage 2's steps, guidance or seed), in the same folder.
@@ -336,7 +317,7 @@ class TalkingHeadJob:
             latents = self._sample_keyframe_batch(batch)
             self.folder.save_keyframes(batch, latents)
         else:
-            self._progress.advance(steps, "keyframes", f"keyframe batch {batch + 1} (resumed)")
+            self._progress.advance(steps, KEYFRAMES, f"keyframe batch {batch + 1} (resumed)")
         self._remember(self._batches, batch, latents, _CACHED_BATCHES)
         return latents
 
@@ -347,7 +328,7 @@ class TalkingHeadJob:
         detail = f"keyframe batch {batch + 1}/{len(self.schedule.batches)}"
 
         def step(done: int, total: int) -> None:
-            self._progress.advance(1, "keyframes", f"{detail}, step {done}/{total}")
+            self._progress.advance(1, KEYFRAMES, f"{detail}, step {done}/{total}")
 
         latents = sample_keyframes(
             self.models.keyframe,
@@ -364,7 +345,7 @@ class TalkingHeadJob:
         if self.preview_keyframes and self._progress.callback is not None:
             first_keyframe = next(i for i, slot in enumerate(slots) if slot.role is SlotRole.KEYFRAME)
             preview = to_uint8(self.decode_keyframes(latents[first_keyframe : first_keyframe + 1])[0])
-            self._progress.advance(0, "keyframes", f"{detail} done", preview)
+            self._progress.advance(0, KEYFRAMES, f"{detail} done", preview)
         return latents
 
     def slot_latent(self, slot_id: int) -> torch.Tensor:
@@ -396,7 +377,9 @@ class TalkingHeadJob:
 
     def generate_keyframes(self) -> None:
         """Run stage 1 for the whole video (every keyframe batch), reporting progress."""
-        self._progress = _Progress(len(self.schedule.batches) * self.settings.steps_per_sample, self.progress_callback)
+        self._progress = ProgressCounter(
+            len(self.schedule.batches) * self.settings.steps_per_sample, self.progress_callback
+        )
         for batch in range(len(self.schedule.batches)):
             self.keyframe_batch(batch)
 
@@ -421,7 +404,7 @@ class TalkingHeadJob:
     def interpolate(self) -> None:
         """Run stages 1 and 2 for the whole video (everything but decoding), reporting progress."""
         settings = self.settings
-        self._progress = _Progress(
+        self._progress = ProgressCounter(
             len(self.schedule.batches) * settings.steps_per_sample
             + len(self.schedule.segments) * settings.segment_steps_per_sample,
             self.progress_callback,
@@ -447,7 +430,7 @@ class TalkingHeadJob:
                 missing.append((k, start, end, digest))
             else:
                 self._remember(self._segments, k, stored, _CACHED_SEGMENTS)
-                self._progress.advance(steps, "interpolation", f"segment {k + 1} (resumed)")
+                self._progress.advance(steps, INTERPOLATION, f"segment {k + 1} (resumed)")
         if not missing:
             return
         frames = schedule.frames_per_clip
@@ -461,7 +444,7 @@ class TalkingHeadJob:
         )
 
         def step(done: int, total: int) -> None:
-            self._progress.advance(len(missing), "interpolation", f"{detail}, step {done}/{total}")
+            self._progress.advance(len(missing), INTERPOLATION, f"{detail}, step {done}/{total}")
 
         latents = sample_segments(
             self.models.interpolation,
@@ -490,7 +473,7 @@ class TalkingHeadJob:
             raise InputError(f"frame range {start}..{stop} is outside the video's 0..{self.num_frames} frames")
         needed = {source.segment for frame in self.schedule.output_frames(start, stop) for source in frame.sources}
         settings = self.settings
-        self._progress = _Progress(
+        self._progress = ProgressCounter(
             len(needed) * settings.segment_steps_per_sample
             + self._batches_needed(needed) * settings.steps_per_sample
             + (stop - start),
@@ -528,7 +511,7 @@ class TalkingHeadJob:
         first = 0
         for frame in frames:
             count = len(frame.sources)
-            self._progress.advance(1, "frames", f"frame {frame.index + 1}/{self.num_frames}")
+            self._progress.advance(1, FRAMES, f"frame {frame.index + 1}/{self.num_frames}")
             yield pixels[first : first + count].mean(dim=0) if count > 1 else pixels[first]
             first += count
 

@@ -162,8 +162,8 @@ class KeyFaceKeyframeSampler:
         self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
     ):
         from keyface.emotion import parse_emotion
+        from keyface.generate import audio_feature_mode
         from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
-        from keyface.schedule import REFERENCE
 
         check_widgets(type(self), locals())
         if audio is None:
@@ -173,7 +173,7 @@ class KeyFaceKeyframeSampler:
             num_steps=steps, audio_scale=audio_scale, identity_scale=identity_scale, seed=seed, schedule=schedule
         )
         curve = emotion if emotion is not None else parse_emotion("neutral")
-        features = audio.features_for("reference" if schedule == REFERENCE else "default")
+        features = audio.features_for(audio_feature_mode(schedule))
         progress = NodeProgress()
         with model.on_device() as models:
             valence, arousal = curve.per_frame(features.num_frames)

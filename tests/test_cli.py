@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from keyface.cli import EXIT_USER_ERROR, main
+from keyface.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
 from keyface.demo import draw_portrait, write_demo_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -197,9 +197,13 @@ def _bad_arguments(case: str, tmp_path: Path, models: Path) -> tuple[list, str]:
         out = _non_writable_folder(tmp_path) / "out.mp4"
         return ["--out", out], str(out)
     if case == "steps below 10":
-        return ["--steps", 5], "steps"
+        return ["--steps", 5], "--steps must be an integer >= 10"
     if case == "nan audio scale":
-        return ["--audio-scale", "nan"], "audio_scale"
+        return ["--audio-scale", "nan"], "--audio-scale must be a finite number"
+    if case == "negative identity scale":
+        return ["--identity-scale", "-1"], "--identity-scale must be >= 0, got -1.0: a negative scale would invert"
+    if case == "timed emotion list with a typo":
+        return ["--emotion", "neutral at x s, happy at"], "write items as 'NAME at SECONDS s'"
     if case == "other frame rate":
         return ["--fps", 30], "fps=30"
     if case == "missing models folder":
@@ -221,6 +225,8 @@ BAD_INPUTS = (
     "output folder not writable",
     "steps below 10",
     "nan audio scale",
+    "negative identity scale",
+    "timed emotion list with a typo",
     "other frame rate",
     "missing models folder",
     "missing stage file",
@@ -244,3 +250,42 @@ def test_generate_refuses_bad_input_early_with_one_line(
     if case in ("missing models folder", "missing stage file"):  # names the place looked in and the source
         assert str(arguments["--models"]) in lines[0] and "toninio19/keyface" in lines[0]
     assert not (tmp_path / "video.mp4").exists()
+
+
+def test_a_warning_prints_as_one_clean_line(demo_models, demo_inputs, tmp_path, capsys, no_heavy_work):
+    """A library warning (here: emotion values clipped) reaches the terminal as one ``warning:`` line, without
+    Python's source path or category name; the error that follows is still its own single line."""
+    image, audio = demo_inputs
+    emotion = '{"format": "keyface-emotion-v1", "valence": [[0, 1.5]], "arousal": [[0, 0.2]]}'
+    out = tmp_path / "video.mp4"
+    status = main(
+        ["generate", "--image", str(image), "--audio", str(audio), "--out", str(out), "--emotion", emotion]
+        + ["--models", str(tmp_path / "no-models")]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_USER_ERROR
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("warning: valence control points: 1 value(s) outside [-1, 1]"), lines
+    assert "Warning:" not in lines[0] and ".py" not in lines[0]
+    assert lines[1].startswith("error: ") and "no-models" in lines[1]
+
+
+def test_generate_passes_face_index_to_the_crop(demo_models, demo_inputs, tmp_path, monkeypatch, no_heavy_work):
+    """``--face-index N`` reaches the library's ``crop_face(face_index=N)`` (the several-faces hint names it)."""
+    import keyface.face
+
+    seen = {}
+
+    def recording_crop(image, crop, **options):
+        seen.update(options)
+        raise KeyboardInterrupt  # stop before any heavy work
+
+    monkeypatch.setattr(keyface.face, "crop_face", recording_crop)
+    image, audio = demo_inputs
+    out = tmp_path / "video.mp4"
+    status = main(
+        ["generate", "--image", str(image), "--audio", str(audio), "--out", str(out), "--models", str(demo_models)]
+        + ["--face-index", "2"]
+    )
+    assert status == EXIT_INTERRUPTED
+    assert seen["face_index"] == 2

@@ -780,6 +780,8 @@ def test_model_names_cannot_leave_the_models_folder(demo_models, workspace):
 
 
 def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
+    """Same files, device and precision: the loaded networks are reused. Explicit cpu/fp32 on both loads, so the
+    cache key is the same on any machine (``auto`` means bf16 on CUDA) and whatever ran before."""
     loader = NODES["KeyFaceModelLoader"]
     spec = loader.INPUT_TYPES()["required"]
     assert {"keyframe.safetensors", "interpolation.safetensors"} <= set(spec["keyframe"][0])
@@ -787,8 +789,10 @@ def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
     assert spec["autoguidance"][1]["default"] == "interpolation_bad.safetensors"
     assert spec["vae"][0] == ["vae"] and spec["wav2vec2"][1]["default"] == "wav2vec2-base-960h"
     assert model.models.image_size > 0 and model.device.type == "cpu" and not model.offloads
-    (again,) = run("KeyFaceModelLoader", device="auto")  # same files: no re-reading, only the device policy
-    assert again.models is model.models
+    (first,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    (again,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    assert again.models is first.models  # same files: no re-reading
+    assert first.models.image_size == model.models.image_size
 
 
 def test_a_checkpoint_of_the_wrong_stage_is_refused(model):
@@ -1108,6 +1112,81 @@ def test_cancel_during_video_combine_leaves_no_file(chain, workspace, monkeypatc
     with pytest.raises(FakeInterrupt):
         run("KeyFaceVideoCombine", video=chain.video, filename_prefix="cancelled")
     assert output_files(workspace) == before  # no finished file, no partial file
+
+
+class NetworkCalls:
+    """Counts the forward calls of the stage networks (each sampler step of a batch or call group is one or more)."""
+
+    def __init__(self, models):
+        self.counts = {"keyframe": 0, "interpolation": 0}
+        self.handles = [
+            getattr(models, stage).register_forward_hook(lambda *_, stage=stage: self._count(stage))
+            for stage in self.counts
+        ]
+
+    def _count(self, stage: str) -> None:
+        self.counts[stage] += 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last call."""
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_requeue_after_cancel_reuses_finished_batches_and_segments(model, workspace, monkeypatch):
+    """Cancel in each stage after some work is finished, re-queue as ComfyUI does (the sampler's output is cached
+    by ComfyUI once it has succeeded): finished keyframe batches and segments are read back, not recomputed,
+    their files are not rewritten, and the frames equal those of an uninterrupted run."""
+    write_speech(workspace["input"] / "speech_long.wav", seconds=7.6)  # 190 frames
+    audio, features, _, frame_count = run("KeyFaceLoadAudio", model=model, audio="speech_long.wav")
+    face = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(host, "progress_bar", RecordingBar)
+
+    def sample():
+        return run("KeyFaceKeyframeSampler", model=model, image=face, audio=features, keyframe_image_size=0)[0]
+
+    def interpolate(keyframes):
+        return run("KeyFaceKeyframeInterpolator", keyframes=keyframes)[0]
+
+    calls = NetworkCalls(model.models)
+    try:
+        keyframes = sample()
+        schedule, steps = keyframes.job.schedule, keyframes.job.settings.steps_per_sample
+        assert len(schedule.batches) == 2 and len(schedule.segments) == 15 and frame_count == 190
+        video = interpolate(keyframes)
+        uninterrupted = torch.stack(list(video.job.frames()))
+        full = calls.take()
+        video.job.folder.remove()
+
+        # Stage 1: batch 0 takes `steps` events and its preview event; the cancel falls inside batch 1.
+        monkeypatch.setattr(host, "check_interrupted", interrupt_after(steps + 4))
+        with pytest.raises(FakeInterrupt):
+            sample()
+        calls.take()
+        monkeypatch.setattr(host, "check_interrupted", lambda: None)
+        keyframes = sample()
+        assert calls.take() == {"keyframe": full["keyframe"] // 2, "interpolation": 0}  # only batch 1 again
+
+        # Stage 2: 8 call groups of up to 2 segments, `segment_steps` events each; cancel inside group 4.
+        group_steps = keyframes.job.settings.segment_steps_per_sample
+        monkeypatch.setattr(host, "check_interrupted", interrupt_after(3 * group_steps + 2))
+        with pytest.raises(FakeInterrupt):
+            interpolate(keyframes)
+        calls.take()
+        finished = sorted(keyframes.job.folder.segments_path.glob("segment_*.safetensors"))
+        assert [path.name for path in finished] == [f"segment_{k:06d}.safetensors" for k in range(6)]
+        written = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in finished}
+        monkeypatch.setattr(host, "check_interrupted", lambda: None)
+        video = interpolate(keyframes)
+        assert calls.take() == {"keyframe": 0, "interpolation": full["interpolation"] * 5 // 8}
+        assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in finished} == written
+        assert torch.equal(torch.stack(list(video.job.frames())), uninterrupted)
+    finally:
+        calls.close()
 
 
 def test_cancel_during_sampling_keeps_finished_work_for_the_next_run(chain, model, monkeypatch):

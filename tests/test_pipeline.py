@@ -96,7 +96,7 @@ def test_reference_pipeline_reproduces_the_original(fixture_set, tmp_path):
 
 def test_aligned_generation_writes_an_mp4_of_the_audio_length(demo_models, tmp_path):
     """3 s of speech-like audio -> 75 frames, with the audio track of the same length, via the CLI's path."""
-    from keyface.generate import generate_video
+    from keyface.generate import GenerationRequest, generate_video
 
     sample_rate, seconds = 44100, 3.0
     t = np.arange(int(sample_rate * seconds)) / sample_rate
@@ -108,7 +108,7 @@ def test_aligned_generation_writes_an_mp4_of_the_audio_length(demo_models, tmp_p
 
     Image.fromarray((np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)).save(image)
     out = tmp_path / "talk.mp4"
-    generate_video(image, audio, out, demo_models, settings=GenerationSettings(), device="cpu")
+    generate_video(GenerationRequest(image, audio, out, demo_models, settings=GenerationSettings(), device="cpu"))
 
     info = probe_media(out)
     assert info.video.num_frames == 75
