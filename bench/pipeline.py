@@ -96,7 +96,8 @@ def child(args) -> None:
     import keyface.loading
     from keyface.audio.features import AudioFeatureExtractor
     from keyface.generate import GenerationRequest, generate_video
-    from keyface.pipeline import GenerationSettings, KeyFaceModels
+    from keyface.models.bundle import KeyFaceModels
+    from keyface.pipeline import GenerationSettings
 
     clock.wrap(keyface.loading, "load_models", "load_models")
     clock.wrap(AudioFeatureExtractor, "extract", "audio_features")

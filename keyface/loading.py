@@ -130,7 +130,7 @@ def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: to
         load_interpolation_model,
         load_keyframe_model,
     )
-    from .pipeline import KeyFaceModels
+    from .models.bundle import KeyFaceModels
 
     return KeyFaceModels(
         keyframe=load_keyframe_model(files.keyframe, device=device, dtype=dtype),

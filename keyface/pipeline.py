@@ -26,14 +26,14 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import InputError
 from .jobs import JobFolder, tensor_digest
+from .models.bundle import KeyFaceModels
 from .noise import DEFAULT_SEED, NoiseSource, SeededNoise
 from .progress import FRAMES, INTERPOLATION, KEYFRAMES, ProgressCallback, ProgressCounter
 from .sampling import (
@@ -47,10 +47,6 @@ from .sampling import (
 )
 from .schedule import ALIGNED, SCHEDULE_MODES, Schedule, SlotRole, plan_schedule
 from .video import FrameSink, to_uint8
-
-if TYPE_CHECKING:
-    from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
-    from .models.vae import FrameDecoder, IdentityEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -120,43 +116,6 @@ class GenerationSettings:
     def segment_steps_per_sample(self) -> int:
         """Network evaluations (Euler steps) per interpolation call."""
         return len(ays_sigmas(self.segment_steps)) - 1
-
-
-@dataclass
-class KeyFaceModels:
-    """Everything the pipeline runs: both stages, the autoguidance network and the VAE parts.
-
-    ``decoder`` (the interpolation checkpoint's VAE decoder) makes the output frames; ``keyframe_decoder`` (the
-    keyframe checkpoint's) only previews keyframes. ``identity_encoder`` turns images into latents (identity,
-    edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint.
-    """
-
-    keyframe: KeyframeModel
-    interpolation: InterpolationModel
-    autoguidance: InterpolationNetwork | None
-    decoder: FrameDecoder
-    keyframe_decoder: FrameDecoder | None = None
-    identity_encoder: IdentityEncoder | None = None
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, h, w)`` of the latents (from the interpolation model's learned mask)."""
-        return tuple(self.interpolation.learned_mask.shape)
-
-    @property
-    def image_size(self) -> int:
-        return self.interpolation.config.image_size
-
-    def encode_image(self, image: np.ndarray, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sampler-space latent ``(1, C, h, w)`` of a square uint8 RGB image ``(S, S, 3)`` (posterior mean, or
-        the posterior sample for a given standard-normal ``noise``)."""
-        from .models.vae import preprocess_image
-
-        if self.identity_encoder is None:
-            raise InputError("no VAE encoder is loaded: load the SVD VAE to turn images into latents")
-        with torch.inference_mode():
-            return self.identity_encoder.encode(preprocess_image(image, self.image_size), noise).cpu()
 
 
 @dataclass(frozen=True)
@@ -330,18 +289,19 @@ class TalkingHeadJob:
         def step(done: int, total: int) -> None:
             self._progress.advance(1, KEYFRAMES, f"{detail}, step {done}/{total}")
 
-        latents = sample_keyframes(
-            self.models.keyframe,
-            cond.identity_latent,
-            _rows(cond.keyframe_audio, audio_frames)[None],
-            _rows(cond.valence, audio_frames)[None].float(),
-            _rows(cond.arousal, audio_frames)[None].float(),
-            self.noise.keyframes(batch),
-            num_steps=self.settings.num_steps,
-            audio_scale=self.settings.audio_scale,
-            identity_scale=self.settings.identity_scale,
-            callback=step,
-        ).cpu()
+        with self.models.step("keyframes"):
+            latents = sample_keyframes(
+                self.models.keyframe,
+                cond.identity_latent,
+                _rows(cond.keyframe_audio, audio_frames)[None],
+                _rows(cond.valence, audio_frames)[None].float(),
+                _rows(cond.arousal, audio_frames)[None].float(),
+                self.noise.keyframes(batch),
+                num_steps=self.settings.num_steps,
+                audio_scale=self.settings.audio_scale,
+                identity_scale=self.settings.identity_scale,
+                callback=step,
+            ).cpu()
         if self.preview_keyframes and self._progress.callback is not None:
             first_keyframe = next(i for i, slot in enumerate(slots) if slot.role is SlotRole.KEYFRAME)
             preview = to_uint8(self.decode_keyframes(latents[first_keyframe : first_keyframe + 1])[0])
@@ -388,7 +348,7 @@ class TalkingHeadJob:
         from .models.vae import to_pixels
 
         decoder = self.models.keyframe_decoder or self.models.decoder
-        with torch.inference_mode():
+        with self.models.step("preview" if self.models.keyframe_decoder else "decode"), torch.inference_mode():
             return to_pixels(decoder.decode(latents)).cpu()
 
     # ------------------------------------------------------------------------------------------ stage 2
@@ -446,17 +406,18 @@ class TalkingHeadJob:
         def step(done: int, total: int) -> None:
             self._progress.advance(len(missing), INTERPOLATION, f"{detail}, step {done}/{total}")
 
-        latents = sample_segments(
-            self.models.interpolation,
-            self.models.autoguidance,
-            torch.stack([start for _, start, _, _ in missing]),
-            torch.stack([end for _, _, end, _ in missing]),
-            _rows(self.conditioning.interpolation_audio, audio_frames.flatten()).unflatten(0, audio_frames.shape),
-            noise,
-            num_steps=self.settings.segment_steps,
-            guidance_scale=self.settings.autoguidance_scale,
-            callback=step,
-        ).cpu()
+        with self.models.step("segments"):
+            latents = sample_segments(
+                self.models.interpolation,
+                self.models.autoguidance,
+                torch.stack([start for _, start, _, _ in missing]),
+                torch.stack([end for _, _, end, _ in missing]),
+                _rows(self.conditioning.interpolation_audio, audio_frames.flatten()).unflatten(0, audio_frames.shape),
+                noise,
+                num_steps=self.settings.segment_steps,
+                guidance_scale=self.settings.autoguidance_scale,
+                callback=step,
+            ).cpu()
         for (k, _, _, digest), segment_latents in zip(missing, latents.split(frames)):
             self.folder.save_segment(k, digest, segment_latents)
             self._remember(self._segments, k, segment_latents, _CACHED_SEGMENTS)
@@ -506,7 +467,7 @@ class TalkingHeadJob:
         if not frames:
             return
         latents = torch.stack([self.segment(s.segment)[s.t] for frame in frames for s in frame.sources])
-        with torch.inference_mode():
+        with self.models.step("decode"), torch.inference_mode():
             pixels = to_pixels(self.models.decoder.decode(latents)).cpu()
         first = 0
         for frame in frames:

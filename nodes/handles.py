@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from keyface.audio.features import AudioFeatureExtractor, AudioFeatures
     from keyface.audio.io import AudioClip
     from keyface.identity import CropInfo
-    from keyface.pipeline import KeyFaceModels, TalkingHeadJob
+    from keyface.models.bundle import KeyFaceModels
+    from keyface.pipeline import TalkingHeadJob
 
 MODEL = "KEYFACE_MODEL"
 AUDIO_FEATURES = "KEYFACE_AUDIO"
@@ -38,16 +39,15 @@ CROP = "KEYFACE_CROP"
 KEYFRAMES = "KEYFACE_KEYFRAMES"
 VIDEO = "KEYFACE_VIDEO"
 
-# KeyFaceModels attributes holding torch modules (moved between the device and the offload device).
-MODEL_PARTS = ("keyframe", "interpolation", "autoguidance", "decoder", "keyframe_decoder", "identity_encoder")
-
 
 @dataclass
 class ModelBundle:
     """The loaded KeyFace models and where they run.
 
-    The networks wait on ``offload_device`` (ComfyUI's: the CPU unless --highvram) and are moved to ``device``
-    for each node's work by :meth:`on_device`; with both equal nothing moves.
+    The networks wait on ``offload_device`` (ComfyUI's: the CPU unless --highvram). Inside :meth:`on_device`
+    each pipeline step brings only the parts it uses to ``device`` (offload mode ``stage``, see
+    :mod:`keyface.models.bundle`), after asking ComfyUI to free that much memory; with both devices equal
+    nothing moves.
     """
 
     models: KeyFaceModels
@@ -61,27 +61,33 @@ class ModelBundle:
         return self.device != self.offload_device
 
     def modules(self) -> list[torch.nn.Module]:
-        return [module for name in MODEL_PARTS if (module := getattr(self.models, name)) is not None]
+        return list(self.models.parts().values())
 
     def size_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for module in self.modules() for p in module.parameters())
+        return self.models.size_bytes()
 
     def move_to(self, device: torch.device) -> None:
         for module in self.modules():
             module.to(device)
 
+    def _load_part(self, name: str, module: torch.nn.Module) -> None:
+        host.free_memory(self.models.size_bytes((name,)), self.device)
+        module.to(self.device)
+
     @contextlib.contextmanager
     def on_device(self) -> Iterator[KeyFaceModels]:
-        """The models on ``device`` for the duration of the block (ComfyUI's own models are unloaded first
-        when memory is short), back on the offload device afterwards."""
+        """The models, each step's parts moved to ``device`` while it runs (ComfyUI's own models are unloaded
+        first when memory is short); all back on the offload device afterwards."""
+        from keyface.models.bundle import Residency
+
         if not self.offloads:
             yield self.models
             return
-        host.free_memory(self.size_bytes(), self.device)
-        self.move_to(self.device)
+        self.models.residency = Residency(self.device, self.offload_device, "stage", load=self._load_part)
         try:
             yield self.models
         finally:
+            self.models.residency = None
             self.move_to(self.offload_device)
             host.empty_cache()
 

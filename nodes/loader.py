@@ -278,10 +278,10 @@ def _load_networks(paths: dict, audio_folder: Path, device, dtype):
     key = (tuple((role, None if path is None else file_identity(path)) for role, path in paths.items()), str(dtype))
     models = _loaded.get(key)
     if models is None:
-        _loaded.clear()
         if device.type != "cpu":
             host.free_memory(sum(p.stat().st_size for p in paths.values() if p is not None and p.is_file()), device)
         logger.info("KeyFace: loading %s on %s (%s)", ", ".join(p.name for p in paths.values() if p), device, dtype)
         models = load_models(ModelFiles(audio=audio_folder, **paths), device, dtype)
+        _loaded.clear()  # only now: a file that fails to load leaves the good cached set in place
         _loaded[key] = models
     return models

@@ -84,7 +84,7 @@ class _StageNetwork(nn.Module):
         x = x.float()
         scalings = VScalings.from_sigma(sigma)
         unet_input = torch.cat([x * _per_frame(scalings.c_in), cond_channels.to(x)], dim=1)
-        net_dtype = self.unet.dtype
+        net_dtype = self.unet.conv_in.weight.dtype  # ModelMixin.dtype walks every submodule per call
         with torch.autocast(x.device.type, dtype=net_dtype, enabled=net_dtype != torch.float32):
             output = self.unet(
                 unet_input.unflatten(0, (clips, frames)).to(net_dtype),

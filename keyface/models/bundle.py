@@ -1,0 +1,157 @@
+"""The container of every loaded part (:class:`KeyFaceModels`) and which parts each pipeline step needs.
+
+Steps and the parts they use (``STEP_PARTS``)::
+
+    identity   identity_encoder                     portrait / edited keyframes -> latents
+    keyframes  keyframe                             stage 1 sampling
+    segments   interpolation, autoguidance          stage 2 sampling
+    decode     decoder                              output frames
+    preview    keyframe_decoder                     keyframe previews
+
+Offload modes (:data:`OFFLOAD_MODES`), given a compute ``device`` and a resting ``offload_device``:
+
+* ``none``: every part stays on ``device`` the whole time (peak = sum of all parts).
+* ``stage``: before a step, the parts it uses move to ``device`` and every other part moves to
+  ``offload_device`` (peak = the largest step's parts + its activations).
+* ``sequential``: like ``stage``, and the parts also return to ``offload_device`` as soon as the step ends,
+  so nothing stays resident between steps (lowest residency, one move per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .stages import InterpolationModel, InterpolationNetwork, KeyframeModel
+    from .vae import FrameDecoder, IdentityEncoder
+
+# KeyFaceModels attributes holding torch modules.
+MODEL_PARTS = ("keyframe", "interpolation", "autoguidance", "decoder", "keyframe_decoder", "identity_encoder")
+STEP_PARTS = {
+    "identity": ("identity_encoder",),
+    "keyframes": ("keyframe",),
+    "segments": ("interpolation", "autoguidance"),
+    "decode": ("decoder",),
+    "preview": ("keyframe_decoder",),
+}
+OFFLOAD_MODES = ("none", "stage", "sequential")
+
+
+@dataclass
+class KeyFaceModels:
+    """Everything the pipeline runs: both stages, the autoguidance network and the VAE parts.
+
+    ``decoder`` (the interpolation checkpoint's VAE decoder) makes the output frames; ``keyframe_decoder`` (the
+    keyframe checkpoint's) only previews keyframes. ``identity_encoder`` turns images into latents (identity,
+    edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint.
+    """
+
+    keyframe: KeyframeModel
+    interpolation: InterpolationModel
+    autoguidance: InterpolationNetwork | None
+    decoder: FrameDecoder
+    keyframe_decoder: FrameDecoder | None = None
+    identity_encoder: IdentityEncoder | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    residency: Residency | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents (from the interpolation model's learned mask)."""
+        return tuple(self.interpolation.learned_mask.shape)
+
+    @property
+    def image_size(self) -> int:
+        return self.interpolation.config.image_size
+
+    def parts(self, names=MODEL_PARTS) -> dict[str, torch.nn.Module]:
+        """The loaded modules among ``names`` (absent optional parts left out)."""
+        return {name: module for name in names if (module := getattr(self, name)) is not None}
+
+    def size_bytes(self, names=MODEL_PARTS) -> int:
+        """Bytes of the parameters and buffers of the parts ``names``."""
+        return sum(
+            t.numel() * t.element_size()
+            for module in self.parts(names).values()
+            for t in (*module.parameters(), *module.buffers())
+        )
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """The parts step ``name`` uses are on the compute device for the block (see the module docstring);
+        without a :attr:`residency` nothing moves."""
+        if self.residency is None:
+            yield
+            return
+        with self.residency.step(self, STEP_PARTS[name]):
+            yield
+
+    def encode_image(self, image: np.ndarray, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sampler-space latent ``(1, C, h, w)`` of a square uint8 RGB image ``(S, S, 3)`` (posterior mean, or
+        the posterior sample for a given standard-normal ``noise``)."""
+        from .vae import preprocess_image
+
+        if self.identity_encoder is None:
+            raise InputError("no VAE encoder is loaded: load the SVD VAE to turn images into latents")
+        with self.step("identity"), torch.inference_mode():
+            return self.identity_encoder.encode(preprocess_image(image, self.image_size), noise).cpu()
+
+
+@dataclass
+class Residency:
+    """Where the parts live between and during steps (the offload ``mode``, see the module docstring).
+
+    ``load`` / ``unload`` move a part; the defaults call ``module.to``. A host (ComfyUI) passes its own, e.g.
+    to let its model management free other models first. ``resident`` names the parts on ``device`` now.
+    """
+
+    device: torch.device
+    offload_device: torch.device
+    mode: str = "stage"
+    load: object = None
+    unload: object = None
+    resident: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.mode not in OFFLOAD_MODES:
+            raise InputError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.mode!r}")
+
+    def _move(self, name: str, module: torch.nn.Module, to_device: bool) -> None:
+        hook = self.load if to_device else self.unload
+        if hook is not None:
+            hook(name, module)
+        else:
+            module.to(self.device if to_device else self.offload_device)
+        (self.resident.add if to_device else self.resident.discard)(name)
+
+    def place_all(self, models: KeyFaceModels) -> None:
+        """Initial placement: every part on ``device`` for ``none``, on ``offload_device`` otherwise."""
+        for name, module in models.parts().items():
+            self._move(name, module, self.mode == "none")
+
+    @contextlib.contextmanager
+    def step(self, models: KeyFaceModels, names: tuple[str, ...]) -> Iterator[None]:
+        if self.mode == "none" or self.device == self.offload_device:
+            yield
+            return
+        wanted = models.parts(names)
+        for name, module in models.parts().items():
+            if name in self.resident and name not in wanted:
+                self._move(name, module, False)
+        for name, module in wanted.items():
+            if name not in self.resident:
+                self._move(name, module, True)
+        try:
+            yield
+        finally:
+            if self.mode == "sequential":
+                for name, module in wanted.items():
+                    self._move(name, module, False)
