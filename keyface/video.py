@@ -32,7 +32,7 @@ import numpy as np
 
 from .constants import VIDEO_FPS
 from .errors import InputError, KeyFaceError
-from .files import AtomicOutput
+from .files import AtomicOutput, atomic_write
 
 DEFAULT_CRF = 18  # x264 constant-rate factor: visually near-lossless; the original used torchvision's default (23)
 DEFAULT_PRESET = "medium"
@@ -523,25 +523,18 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, metadata: dict[st
     from PIL import Image, PngImagePlugin
 
     image = check_frame(image, f"image output {path}")
-    output = AtomicOutput(path, IMAGE_FORMATS, "image output")
-    image_format = IMAGE_FORMATS[output.path.suffix.lower()]
-    save_options: dict[str, Any] = {}
-    if image_format == "PNG" and metadata:
-        info = PngImagePlugin.PngInfo()
-        for key, value in metadata.items():
-            info.add_text(key, value)
-        save_options["pnginfo"] = info
-    elif image_format in ("WEBP", "JPEG"):
-        save_options["quality"] = 95
-    try:
-        Image.fromarray(image).save(output.temp_path, format=image_format, **save_options)
-    except OSError as error:
-        output.discard()
-        raise output.write_error(error) from error
-    except BaseException:
-        output.discard()
-        raise
-    return output.commit()
+    with atomic_write(path, "image output", IMAGE_FORMATS) as temp:
+        image_format = IMAGE_FORMATS[temp.suffix.lower()]  # the temporary name keeps the target's extension
+        save_options: dict[str, Any] = {}
+        if image_format == "PNG" and metadata:
+            info = PngImagePlugin.PngInfo()
+            for key, value in metadata.items():
+                info.add_text(key, value)
+            save_options["pnginfo"] = info
+        elif image_format in ("WEBP", "JPEG"):
+            save_options["quality"] = 95
+        Image.fromarray(image).save(temp, format=image_format, **save_options)
+    return Path(path).expanduser().absolute()
 
 
 # ---------------------------------------------------------------------------------------------------------
