@@ -800,6 +800,15 @@ def test_a_checkpoint_of_the_wrong_stage_is_refused(model):
         run("KeyFaceModelLoader", keyframe="interpolation.safetensors", device="cpu")
 
 
+def test_a_failed_load_keeps_the_cached_models(model):
+    """Picking a wrong file must not evict the good models: the next good load reuses them without re-reading."""
+    (good,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    with pytest.raises(CheckpointError, match="keyframe stage"):
+        run("KeyFaceModelLoader", keyframe="interpolation.safetensors", device="cpu", precision="fp32")
+    (again,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
+    assert again.models is good.models
+
+
 # ----------------------------------------------------------------------------------------------- audio
 
 
