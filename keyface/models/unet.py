@@ -45,21 +45,17 @@ class KeyFaceUNet(UNetSpatioTemporalConditionModel):
         num_frames: int,
         sample_size: int | None = None,
     ):
+        # fmt: off
         super().__init__(
-            sample_size=sample_size,
-            num_frames=num_frames,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            cross_attention_dim=cross_attention_dim,
-            num_attention_heads=num_attention_heads,
+            sample_size=sample_size, num_frames=num_frames, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            down_block_types=down_block_types, up_block_types=up_block_types,
+            cross_attention_dim=cross_attention_dim, num_attention_heads=num_attention_heads,
             transformer_layers_per_block=transformer_layers_per_block,
             addition_time_embed_dim=addition_time_embed_dim,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
         )
+        # fmt: on
         for block in self.modules():
             if isinstance(block, SpatioTemporalResBlock):
                 for norm in block.modules():
