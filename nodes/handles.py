@@ -63,9 +63,6 @@ class ModelBundle:
     def modules(self) -> list[torch.nn.Module]:
         return list(self.models.parts().values())
 
-    def size_bytes(self) -> int:
-        return self.models.size_bytes()
-
     def move_to(self, device: torch.device) -> None:
         for module in self.modules():
             module.to(device)

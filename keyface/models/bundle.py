@@ -132,11 +132,6 @@ class Residency:
             module.to(self.device if to_device else self.offload_device)
         (self.resident.add if to_device else self.resident.discard)(name)
 
-    def place_all(self, models: KeyFaceModels) -> None:
-        """Initial placement: every part on ``device`` for ``none``, on ``offload_device`` otherwise."""
-        for name, module in models.parts().items():
-            self._move(name, module, self.mode == "none")
-
     @contextlib.contextmanager
     def step(self, models: KeyFaceModels, names: tuple[str, ...]) -> Iterator[None]:
         if self.mode == "none" or self.device == self.offload_device:
