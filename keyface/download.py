@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import InputError, KeyFaceError
+from .files import place_file
 
 KEYFACE_REPO = "toninio19/keyface"
 VAE_REPO = "stabilityai/stable-video-diffusion-img2vid"
@@ -171,7 +172,7 @@ def download_weights(
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             downloaded = Path(hub.hf_hub_download(weight.repo, source, local_dir=staging, token=token))
-            os.replace(downloaded, target)
+            place_file(downloaded, target)
         except KeyFaceError:
             raise
         except Exception as error:

@@ -33,6 +33,12 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+def place_file(finished: Path, target: Path) -> None:
+    """Rename a complete file (same file system) onto ``target`` with the mode a plain ``open()`` gives."""
+    os.chmod(finished, 0o666 & ~_umask())
+    os.replace(finished, target)
+
+
 class AtomicOutput:
     """A target path plus a hidden temporary file beside it, renamed onto the target on :meth:`commit`.
 
@@ -77,8 +83,7 @@ class AtomicOutput:
     def commit(self) -> Path:
         """Give the finished temporary file the usual permissions and move it onto the target path."""
         try:
-            os.chmod(self.temp_path, 0o666 & ~_umask())
-            os.replace(self.temp_path, self.path)
+            place_file(self.temp_path, self.path)
         except OSError as error:
             self.discard()
             raise KeyFaceError(f"cannot move the finished file to {self.path}: {error}") from error

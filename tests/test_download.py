@@ -5,6 +5,7 @@ repositories, lost connections and bad folders give one actionable line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +47,7 @@ class FakeHub:
         target = Path(local_dir) / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.repos[repo] / filename, target)
+        target.chmod(0o600)  # like a temporary file: the placed file must get the usual mode
         return str(target)
 
 
@@ -95,6 +97,9 @@ def test_download_builds_a_models_folder_that_loads(hub, tmp_path, capsys):
         "wav2vec2-base-960h",
     ]
     assert not (models / "unet").exists() and not (models / STAGING_FOLDER).exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (models / "keyframe.pt").stat().st_mode & 0o777 == 0o666 & ~umask
     assert len(hub.downloads) == 10
     for stem, kind in (
         ("keyframe", "keyframe"),
