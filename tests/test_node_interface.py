@@ -1,0 +1,81 @@
+"""The frozen node interface: every node's ID, inputs (name, type, default, order) and outputs.
+
+Saved workflows store widget values by position and links by input name, so any change here can break the
+workflows users have saved. A deliberate change is recorded by rewriting the snapshot::
+
+    KEYFACE_UPDATE_INTERFACE=1 python -m pytest tests/test_node_interface.py
+
+and then reviewed in the diff of ``tests/snapshots/node_interface.json``: new inputs go at the end (optional),
+nothing is renamed, reordered or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from test_nodes import NODES
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "node_interface.json"
+UPDATE_ENV = "KEYFACE_UPDATE_INTERFACE"
+
+
+def _input_entry(name: str, spec: tuple) -> dict:
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 else {}
+    # A combo's choices list the user's files (models, inputs): only that it is a combo is part of the interface.
+    entry = {"name": name, "type": "COMBO" if isinstance(kind, (list, tuple)) else kind}
+    if "default" in options:
+        entry["default"] = options["default"]
+    for bound in ("min", "max"):
+        if bound in options:
+            entry[bound] = options[bound]
+    return entry
+
+
+def node_interface(node_class: type) -> dict:
+    """What a saved workflow depends on: inputs per section in declaration order, and the outputs."""
+    declared = node_class.INPUT_TYPES()
+    return {
+        "inputs": {
+            section: [_input_entry(name, spec) for name, spec in declared[section].items()]
+            for section in ("required", "optional", "hidden")
+            if declared.get(section)
+        },
+        "outputs": list(node_class.RETURN_TYPES),
+        "output_names": list(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES)),
+        "function": node_class.FUNCTION,
+        "output_node": bool(getattr(node_class, "OUTPUT_NODE", False)),
+    }
+
+
+def current_interface() -> dict:
+    return {node_id: node_interface(NODES[node_id]) for node_id in sorted(NODES)}
+
+
+def test_node_interface_matches_the_snapshot():
+    interface = current_interface()
+    if os.environ.get(UPDATE_ENV) == "1":
+        SNAPSHOT.write_text(json.dumps(interface, indent=1) + "\n")
+    recorded = json.loads(SNAPSHOT.read_text())
+    changed = sorted(
+        node_id for node_id in set(recorded) | set(interface) if recorded.get(node_id) != interface.get(node_id)
+    )
+    assert not changed, (
+        f"the interface of {', '.join(changed)} changed; saved workflows depend on it. If the change is deliberate "
+        f"(inputs appended at the end, nothing renamed or reordered), record it with {UPDATE_ENV}=1 and review the diff"
+    )
+
+
+def test_recorded_inputs_only_grow_at_the_end():
+    """Against the snapshot: an existing node keeps every recorded input, in the recorded place."""
+    interface = current_interface()
+    recorded = json.loads(SNAPSHOT.read_text())
+    for node_id, before in recorded.items():
+        assert node_id in interface, f"node {node_id} was removed; saved workflows name it"
+        for section, inputs in before["inputs"].items():
+            now = interface[node_id]["inputs"].get(section, [])
+            names_before = [entry["name"] for entry in inputs]
+            assert [entry["name"] for entry in now[: len(inputs)]] == names_before, (node_id, section)
+        assert interface[node_id]["outputs"][: len(before["outputs"])] == before["outputs"], node_id
