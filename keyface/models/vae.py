@@ -5,8 +5,9 @@
   random posterior *sample*; we return the posterior **mean** by default (deterministic), or the sample
   ``mean + std * noise`` for a given ``noise`` (what the original does with unseeded noise).
 * :class:`FrameDecoder` = diffusers ``TemporalDecoder`` with the weights of an engine checkpoint's
-  ``first_stage_model.decoder``; it decodes **one frame per call** like the original (``decoding_t = 1``,
-  spec §9.6), in float32.
+  ``first_stage_model.decoder``; it decodes **each frame on its own** like the original (``decoding_t = 1``,
+  spec §9.6): the temporal layers see a single frame. One call takes any number of frames, decoded together
+  as a batch of one-frame videos, in float32.
 
 Cropping an arbitrary image to a square face is not done here (see ``keyface.identity``).
 """
@@ -108,7 +109,8 @@ class FrameDecoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw decoder output ``(frames, 3, H, W)`` (about [-1, 1], not clamped) of sampler-space latents
-        ``(frames, latent_channels, h, w)``, one frame per decoder call. Use :func:`to_pixels` for [0, 1]."""
+        ``(frames, latent_channels, h, w)``, each frame decoded alone in one batched pass. Use :func:`to_pixels`
+        for [0, 1]."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise InputError(
                 f"latents have shape {tuple(latents.shape)}; expected (frames, {self.config.latent_channels}, h, w)"
