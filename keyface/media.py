@@ -78,10 +78,10 @@ def samples_spanning(seconds: float | Fraction, sample_rate: int) -> int:
     """The number of samples in the first ``seconds`` of a track at ``sample_rate``: round(seconds * rate).
 
     This is the one trimming rule. Rounding to the nearest sample (not floor / ceil) because the times come
-    as floats (``0.3 * 16000`` is 4799.999..., whose ceiling would add a sample and whose floor would drop
-    one) and because the nearest sample ends the audio within half a sample of the video; the product is
-    taken exactly (``Fraction``), so boundaries are monotone and consecutive ranges tile a track without a
-    gap or an overlap.
+    as floats (``0.07 * 44100`` is 3087.0000000000005, whose ceiling adds a sample; ``0.7 * 44100`` is
+    30869.999999999996, whose floor drops one) and because the nearest sample ends the audio within half a
+    sample of the video. The product is taken exactly (``Fraction``), so frame boundaries are monotone and
+    consecutive ranges tile a track without a gap or an overlap.
     """
     return round(Fraction(seconds) * int(sample_rate))
 

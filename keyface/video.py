@@ -432,7 +432,13 @@ class Mp4Writer(FrameSink):
 
         self._frame_size = (height, width)
         container_format = VIDEO_CONTAINERS[self.path.suffix.lower()]
-        options = MP4_MUXER_OPTIONS if container_format in ("mp4", "mov") else {}
+        options = {}
+        if container_format in ("mp4", "mov"):
+            options = dict(MP4_MUXER_OPTIONS)
+            if self.audio is not None:
+                # edit lists count in the movie's time scale: in audio samples the audio's stated end is exact
+                # (ffmpeg's default, 1000 per second, rounds it to a millisecond at fractional frame rates)
+                options["movie_timescale"] = str(self.audio.sample_rate)
         try:
             self._container = av.open(str(self._output.temp_path), "w", format=container_format, options=options)
         except OSError as error:

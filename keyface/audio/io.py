@@ -122,7 +122,10 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
         duration: seconds to keep from ``start`` (``None``: to the end).
 
     Returns:
-        The clip at the file's own sample rate, every channel kept.
+        The clip at the file's own sample rate, every channel kept. From an mp4 / mov / m4a file it ends
+        where the container says the track ends (its sample durations and edit list), which FFmpeg's
+        decoder does not apply at the end: the silence padding the encoder's last AAC frame is left out,
+        so the audio of a KeyFace video reads back exactly as long as the video.
     """
     import av  # imported here: decoding is the only user
 
@@ -148,6 +151,9 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
             raise InputError(f"{name}: the audio track does not state its sample rate")
         first = samples_spanning(start, sample_rate)
         last = None if duration is None else first + samples_spanning(duration, sample_rate)
+        stated_end = _stated_end(container, stream, sample_rate)
+        if stated_end is not None:
+            last = stated_end if last is None else min(last, stated_end)
         chunks: list[np.ndarray] = []
         position = 0
         try:
@@ -230,6 +236,14 @@ def raw_audio_frames(clip: AudioClip) -> torch.Tensor:
     mono = resample_to_encoder_rate(clip.waveform.mean(dim=0), clip.sample_rate)
     frames = num_video_frames(mono.shape[0])
     return pad_to_frames(mono, frames).reshape(frames, SAMPLES_PER_FRAME).contiguous()
+
+
+def _stated_end(container, stream, sample_rate: int) -> int | None:
+    """The sample at which an mp4-family container says the audio track ends, else None (FFmpeg trims the
+    encoder's padding itself where a format can say so, e.g. Ogg; mp4 states it only in sample durations)."""
+    if "mp4" not in container.format.name.split(",") or stream.duration is None or stream.time_base is None:
+        return None
+    return samples_spanning(((stream.start_time or 0) + stream.duration) * stream.time_base, sample_rate)
 
 
 def _frame_to_float(frame, name: str) -> np.ndarray:
