@@ -323,12 +323,14 @@ class Mp4Writer(FrameSink):
     cover (:func:`keyface.media.samples_for_frames`, ``frames * rate / fps``), at its own rate, and encoded
     alongside the video (each frame's span of samples after the frame), so nothing accumulates in memory.
     AAC codes 1024-sample frames: the encoder adds 1024 priming samples in front and pads the last frame
-    with silence. The file states the exact length: the last packet lasts only its real samples (so the
-    stream and .mp4 / .mov edit-list durations are ``frames / fps``) and the edit list skips the priming.
-    A decoder that honours the whole edit list (Apple's) plays exactly that; FFmpeg (PyAV) skips the
-    priming but decodes the last frame whole, so its audio lasts up to 1023 samples of silence longer
-    (under one AAC frame: < 64 ms at 16 kHz, < 23.2 ms at 44.1 kHz, < 21.3 ms at 48 kHz); .mkv behaves
-    the same. Matroska stores metadata keys upper-case.
+    with silence. A .mp4 / .mov file states the exact length: the last packet lasts only its real samples
+    and the edit list, counted in audio samples (the movie time scale is the audio rate), skips the
+    priming and lasts ``frames / fps``. A decoder that honours the whole edit list (Apple's;
+    :func:`keyface.audio.io.load_audio`) gets exactly the covered samples; FFmpeg (PyAV) skips the
+    priming but decodes the last frame whole, so there the audio lasts up to 1023 samples of silence
+    longer (under one AAC frame: < 64 ms at 16 kHz, < 23.2 ms at 44.1 kHz, < 21.3 ms at 48 kHz). .mkv
+    states no end (FFmpeg's Matroska muxer writes no discard padding for AAC): decoders read the same
+    whole last frame. Matroska stores metadata keys upper-case.
 
     Frames must all have the frame size of the first one. yuv420p needs even width and height: an odd
     size is padded by one replicated row / column (the file is then one pixel larger).
