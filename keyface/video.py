@@ -329,7 +329,7 @@ class Mp4Writer(FrameSink):
     :func:`keyface.audio.io.load_audio`) gets exactly the covered samples; FFmpeg (PyAV) skips the
     priming but decodes the last frame whole, so there the audio lasts up to 1023 samples of silence
     longer (under one AAC frame: < 64 ms at 16 kHz, < 23.2 ms at 44.1 kHz, < 21.3 ms at 48 kHz). .mkv
-    states no end (FFmpeg's Matroska muxer writes no discard padding for AAC): decoders read the same
+    states no end (the AAC encoder marks no end trim, so no discard padding is written): decoders read the same
     whole last frame. Matroska stores metadata keys upper-case.
 
     Frames must all have the frame size of the first one. yuv420p needs even width and height: an odd
