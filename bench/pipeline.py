@@ -113,7 +113,7 @@ def child(args) -> None:
     clock.charge("finalise")
     clock.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
-    from keyface.video import probe_media
+    from keyface.media import probe_media
 
     info = probe_media(out)
     video_seconds = info.video.num_frames / float(info.video.fps)

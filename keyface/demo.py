@@ -496,7 +496,7 @@ def write_demo_inputs(folder: str | os.PathLike, seconds: float = 3.0) -> tuple[
     """Write ``portrait.png`` (a drawn face, as large as the identity crop so that it is not enlarged) and
     ``speech.wav`` (speech-like, 16 kHz mono, ``seconds`` long) into ``folder``; returns their paths."""
     from .constants import RELEASED_IMAGE_SIZE
-    from .video import write_image
+    from .media import write_image
 
     seconds = check_seconds(seconds)
     folder = Path(folder)

@@ -476,7 +476,7 @@ def crop_face_to_file(
     ``options`` are those of :func:`crop_face` (size, margin, face_index, on_no_face, min_confidence).
     The box is in source pixels; print it with ``json.dumps``.
     """
-    from .video import write_image
+    from .media import write_image
 
     result = crop_face(Path(image_path), crop, **options)
     metadata = {"keyface_crop": json.dumps(result.summary())}

@@ -117,7 +117,7 @@ def _load_file(path: Path, name: str) -> np.ndarray:
 
 
 def _first_video_frame(path: Path, name: str) -> np.ndarray:
-    from .video import iter_video_frames
+    from .media import iter_video_frames
 
     try:
         return _check_size(next(iter_video_frames(path)), f"{name} {path}")

@@ -1,9 +1,10 @@
-"""Frames out: streamed video files, in-memory frame lists, stills, and reading media back.
+"""Frames out: streamed video files with their audio, in-memory frame lists, per-frame transforms.
 
-Frames reach a sink one at a time, in order, as **uint8 RGB arrays of shape (height, width, 3)**: that is
-the one frame type every :class:`FrameSink` accepts. The pipeline makes float frames in [0, 1] with layout
-(3, height, width); :func:`to_uint8` converts them the way the original code does (truncation of x * 255,
-spec §9 item 8), once, at the boundary.
+Frames reach a sink one at a time, in order, as **uint8 RGB arrays of shape (height, width, 3)**
+(:func:`keyface.media.check_frame`): that is the one frame type every :class:`FrameSink` accepts. The
+pipeline makes float frames in [0, 1] with layout (3, height, width); :func:`to_uint8` converts them the way
+the original code does (truncation of x * 255, spec §9 item 8), once, at the boundary. Reading media files
+back and writing stills live in :mod:`keyface.media`.
 
 A sink is used as a context manager: leaving the block normally finishes it (``close``), an exception or
 Ctrl-C discards it (``abort``)::
@@ -20,19 +21,18 @@ succeeds, so an interrupted run never leaves a half-written file under the reque
 from __future__ import annotations
 
 import abc
-import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .constants import VIDEO_FPS
 from .errors import InputError, KeyFaceError
-from .files import AtomicOutput, atomic_write
+from .files import AtomicOutput
+from .media import check_frame, samples_for_frames
 
 DEFAULT_CRF = 18  # x264 constant-rate factor: visually near-lossless; the original used torchvision's default (23)
 DEFAULT_PRESET = "medium"
@@ -47,7 +47,6 @@ MP4_MUXER_OPTIONS = {"movflags": "+faststart+use_metadata_tags"}
 AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 # ffmpeg's default channel layout for each channel count.
 CHANNEL_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
-IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,19 +75,6 @@ def to_uint8(frames: Any) -> np.ndarray:
         raise InputError(f"to_uint8: expected float pixels in [0, 1], got dtype {array.dtype}")
     scaled = np.clip(array.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(255)
     return np.ascontiguousarray(np.moveaxis(scaled.astype(np.uint8), -3, -1))
-
-
-def check_frame(frame: Any, where: str) -> np.ndarray:
-    """Return ``frame`` if it is a uint8 (height, width, 3) array, else raise an InputError naming ``where``."""
-    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        described = f"{type(frame).__name__} {getattr(frame, 'dtype', '')} {tuple(getattr(frame, 'shape', ()))}".strip()
-        raise InputError(
-            f"{where}: frames must be uint8 numpy arrays shaped (height, width, 3), got {described}; "
-            "convert float (3, H, W) frames in [0, 1] with keyface.video.to_uint8"
-        )
-    if frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise InputError(f"{where}: empty frame of shape {frame.shape}")
-    return frame
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,17 +294,6 @@ class AudioTrack:
         resampled = torchaudio.functional.resample(torch.as_tensor(waveform).float(), int(sample_rate), 48000)
         return cls(resampled, 48000)
 
-    @classmethod
-    def from_comfy(cls, audio: dict) -> AudioTrack:
-        """From a ComfyUI ``AUDIO`` dict ``{"waveform": (batch, channels, samples), "sample_rate": int}`` (item 0)."""
-        try:
-            waveform, sample_rate = audio["waveform"], audio["sample_rate"]
-        except (TypeError, KeyError) as error:
-            raise InputError("audio: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from error
-        if getattr(waveform, "ndim", 0) == 3:
-            waveform = waveform[0]
-        return cls(waveform, sample_rate)
-
     @property
     def channels(self) -> int:
         return self.waveform.shape[0]
@@ -327,10 +302,6 @@ class AudioTrack:
     def duration(self) -> float:
         """Length in seconds."""
         return self.waveform.shape[1] / self.sample_rate
-
-    def samples_until(self, frame_count: int, fps: Fraction) -> int:
-        """Number of audio samples that span ``frame_count`` video frames: round(frame_count / fps * rate)."""
-        return round(frame_count * self.sample_rate / fps)
 
     def segment(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) as (channels, stop - start) float32, zero-padded past the end."""
@@ -348,13 +319,18 @@ class AudioTrack:
 class Mp4Writer(FrameSink):
     """Encodes frames into an H.264 (yuv420p) video, optionally with an AAC audio track, as they arrive.
 
-    Audio follows the video: the file's audio lasts exactly ``frames_written / fps`` seconds at the
-    track's own rate (``round(frames * rate / fps)`` samples), cut when the track is longer, zero-padded
-    when it is shorter. Audio is encoded alongside the video (each frame's span of samples after the
-    frame), so nothing accumulates in memory. The decoded audio of the file then lasts that long to within
-    one AAC frame (1024 samples), the mp4/mov edit list hiding the encoder's priming samples (.mkv has no
-    edit list: there the audio stream may report up to one AAC frame more). Matroska stores metadata keys
-    upper-case.
+    Audio follows the video: the track is cut, or zero-padded, to exactly the samples the written frames
+    cover (:func:`keyface.media.samples_for_frames`, ``frames * rate / fps``), at its own rate, and encoded
+    alongside the video (each frame's span of samples after the frame), so nothing accumulates in memory.
+    AAC codes 1024-sample frames: the encoder adds 1024 priming samples in front and pads the last frame
+    with silence. A .mp4 / .mov file states the exact length: the last packet lasts only its real samples
+    and the edit list, counted in audio samples (the movie time scale is the audio rate), skips the
+    priming and lasts ``frames / fps``. A decoder that honours the whole edit list (Apple's;
+    :func:`keyface.audio.io.load_audio`) gets exactly the covered samples; FFmpeg (PyAV) skips the
+    priming but decodes the last frame whole, so there the audio lasts up to 1023 samples of silence
+    longer (under one AAC frame: < 64 ms at 16 kHz, < 23.2 ms at 44.1 kHz, < 21.3 ms at 48 kHz). .mkv
+    states no end (the AAC encoder marks no end trim, so no discard padding is written): decoders read the same
+    whole last frame. Matroska stores metadata keys upper-case.
 
     Frames must all have the frame size of the first one. yuv420p needs even width and height: an odd
     size is padded by one replicated row / column (the file is then one pixel larger).
@@ -458,7 +434,13 @@ class Mp4Writer(FrameSink):
 
         self._frame_size = (height, width)
         container_format = VIDEO_CONTAINERS[self.path.suffix.lower()]
-        options = MP4_MUXER_OPTIONS if container_format in ("mp4", "mov") else {}
+        options = {}
+        if container_format in ("mp4", "mov"):
+            options = dict(MP4_MUXER_OPTIONS)
+            if self.audio is not None:
+                # edit lists count in the movie's time scale: in audio samples the audio's stated end is exact
+                # (ffmpeg's default, 1000 per second, rounds it to a millisecond at fractional frame rates)
+                options["movie_timescale"] = str(self.audio.sample_rate)
         try:
             self._container = av.open(str(self._output.temp_path), "w", format=container_format, options=options)
         except OSError as error:
@@ -480,7 +462,7 @@ class Mp4Writer(FrameSink):
     def _encode_audio_until(self, frame_count: int) -> None:
         import av
 
-        stop = self.audio.samples_until(frame_count, self.fps)
+        stop = samples_for_frames(frame_count, self.audio.sample_rate, self.fps)
         if stop <= self._audio_samples_written:
             return
         samples = self.audio.segment(self._audio_samples_written, stop)
@@ -508,143 +490,3 @@ def _pad_to_even(frame: np.ndarray) -> np.ndarray:
     if height % 2 == 0 and width % 2 == 0:
         return frame
     return np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# stills
-
-
-def write_image(path: str | os.PathLike, image: np.ndarray, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write a uint8 (height, width, 3) RGB image as PNG, WebP or JPEG, atomically (temp file + rename).
-
-    ``metadata`` is stored as PNG text chunks (ComfyUI's ``prompt`` / ``workflow`` convention); other
-    formats ignore it. Returns the absolute path written.
-    """
-    from PIL import Image, PngImagePlugin
-
-    image = check_frame(image, f"image output {path}")
-    with atomic_write(path, "image output", IMAGE_FORMATS) as temp:
-        image_format = IMAGE_FORMATS[temp.suffix.lower()]  # the temporary name keeps the target's extension
-        save_options: dict[str, Any] = {}
-        if image_format == "PNG" and metadata:
-            info = PngImagePlugin.PngInfo()
-            for key, value in metadata.items():
-                info.add_text(key, value)
-            save_options["pnginfo"] = info
-        elif image_format in ("WEBP", "JPEG"):
-            save_options["quality"] = 95
-        Image.fromarray(image).save(temp, format=image_format, **save_options)
-    return Path(path).expanduser().absolute()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reading media back
-
-
-@dataclass(frozen=True)
-class VideoStreamInfo:
-    """The first video stream of a file: size in pixels, frame rate, number of frames, duration in seconds."""
-
-    width: int
-    height: int
-    fps: Fraction
-    num_frames: int
-    duration: float
-    codec: str
-
-
-@dataclass(frozen=True)
-class AudioStreamInfo:
-    """The first audio stream of a file: rate in Hz, channel count, duration in seconds (container value)."""
-
-    sample_rate: int
-    channels: int
-    duration: float
-    codec: str
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    """What :func:`probe_media` finds in a file; ``video`` / ``audio`` are None when that stream is absent."""
-
-    path: Path
-    video: VideoStreamInfo | None
-    audio: AudioStreamInfo | None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _open_for_reading(path: str | os.PathLike):
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"media file {path} does not exist (or is not a file)")
-    try:
-        return av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise InputError(f"cannot read {path} as audio/video: {error}") from error
-
-
-def _stream_duration(stream, container) -> float:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000  # av.time_base: container durations are in microseconds
-    return 0.0
-
-
-def probe_media(path: str | os.PathLike) -> MediaInfo:
-    """Describe a media file: video size / fps / frame count, audio rate / channels / duration, tags.
-
-    The frame count is the container's when it records one, else the number of video packets (no decoding).
-    """
-    with _open_for_reading(path) as container:
-        video = audio = None
-        if container.streams.video:
-            stream = container.streams.video[0]
-            num_frames = stream.frames
-            if not num_frames:
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-                container.seek(0)
-            rate = stream.average_rate or stream.guessed_rate or Fraction(0)
-            video = VideoStreamInfo(
-                width=stream.codec_context.width,
-                height=stream.codec_context.height,
-                fps=Fraction(rate),
-                num_frames=int(num_frames),
-                duration=_stream_duration(stream, container),
-                codec=stream.codec_context.name,
-            )
-        if container.streams.audio:
-            stream = container.streams.audio[0]
-            audio = AudioStreamInfo(
-                sample_rate=stream.codec_context.sample_rate,
-                channels=stream.codec_context.channels,
-                duration=_stream_duration(stream, container),
-                codec=stream.codec_context.name,
-            )
-        return MediaInfo(Path(path), video, audio, dict(container.metadata))
-
-
-def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Decode the first video stream frame by frame: yields uint8 RGB arrays (height, width, 3)."""
-    import av
-
-    with _open_for_reading(path) as container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        try:
-            for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
-        except av.error.FFmpegError as error:
-            raise InputError(f"decoding {path} failed: {error}") from error
-
-
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
-    """Decode (up to ``max_frames``) frames of a video into one uint8 array (frames, height, width, 3)."""
-    frames = list(itertools.islice(iter_video_frames(path), max_frames))
-    if not frames:
-        raise InputError(f"{path}: the video stream has no frames")
-    return np.stack(frames)

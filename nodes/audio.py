@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from keyface.errors import InputError
 
 from . import host
@@ -126,12 +124,4 @@ class KeyFaceLoadAudio:
             if not path.is_file():
                 raise InputError(f"audio: file {audio!r} not found in ComfyUI's input folder ({path.parent})")
             return load_audio(path, start_seconds, duration)
-        clip = AudioClip.from_comfy(audio_input, "audio_input")
-        first = round(start_seconds * clip.sample_rate)
-        last = clip.num_samples if duration is None else first + math.ceil(duration * clip.sample_rate)
-        if first >= clip.num_samples:
-            raise InputError(
-                f"start_seconds: {start_seconds} s is at or after the end of audio_input "
-                f"({clip.duration_seconds:.2f} s)"
-            )
-        return AudioClip(clip.waveform[:, first:last].contiguous(), clip.sample_rate, "audio_input")
+        return AudioClip.from_comfy(audio_input, "audio_input").cut(start_seconds, duration)

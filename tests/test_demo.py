@@ -118,7 +118,7 @@ def test_demo_inputs_are_a_portrait_and_speech_like_audio(tmp_path):
 
 
 def test_run_demo_writes_a_video_with_audio(demo_folder, tmp_path, capsys):
-    from keyface.video import probe_media, read_video
+    from keyface.media import probe_media, read_video
 
     out = run_demo(tmp_path / "demo.mp4", seconds=1.0)  # default weights folder: the one of the fixture
     info = probe_media(out)

@@ -10,7 +10,8 @@ import pytest
 
 from keyface.errors import InputError, KeyFaceError
 from keyface.files import AtomicOutput, atomic_write, file_identity
-from keyface.video import Mp4Writer, write_image
+from keyface.media import write_image
+from keyface.video import Mp4Writer
 
 
 @pytest.fixture

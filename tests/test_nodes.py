@@ -1023,7 +1023,7 @@ def test_video_to_images_takes_a_frame_range_with_its_audio(chain):
 
 
 def test_video_combine_streams_an_mp4_with_audio_and_the_workflow(chain, workspace):
-    from keyface.video import probe_media
+    from keyface.media import probe_media
 
     workflow = {"nodes": [{"id": 1, "type": "KeyFaceVideoCombine"}], "links": []}
     result = run(
@@ -1044,7 +1044,7 @@ def test_video_combine_streams_an_mp4_with_audio_and_the_workflow(chain, workspa
 
 
 def test_video_combine_upscales_then_pastes_back_while_streaming(chain, workspace):
-    from keyface.video import probe_media, read_video
+    from keyface.media import probe_media, read_video
 
     calls = []
 
@@ -1073,7 +1073,7 @@ def test_video_combine_upscales_then_pastes_back_while_streaming(chain, workspac
 
 
 def test_video_combine_writes_any_image_batch(workspace):
-    from keyface.video import probe_media
+    from keyface.media import probe_media
 
     images = torch.rand(5, 30, 40, 3)
     result = run("KeyFaceVideoCombine", images=images, fps=10.0, filename_prefix="batch/%width%x%height%")

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from keyface.errors import InputError, Interrupted, KeyFaceError
+from keyface.media import probe_media
 from keyface.noise import InjectedNoise, SeededNoise
 from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
 from keyface.schedule import plan_schedule
-from keyface.video import FrameListSink, probe_media
+from keyface.video import FrameListSink
 
 _models_cache: dict[Path, object] = {}
 

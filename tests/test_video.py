@@ -1,4 +1,4 @@
-"""keyface.video: frame sinks, streamed mp4 writing with the original audio, stills, reading media back."""
+"""keyface.video: frame sinks, streamed mp4 writing with the original audio (read back with keyface.media)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from keyface.errors import InputError, KeyFaceError
+from keyface.media import iter_video_frames, probe_media, read_video, write_image
 from keyface.video import (
     AudioTrack,
     CallbackSink,
@@ -23,11 +24,7 @@ from keyface.video import (
     MapSink,
     Mp4Writer,
     TeeSink,
-    iter_video_frames,
-    probe_media,
-    read_video,
     to_uint8,
-    write_image,
 )
 
 FPS = 25
@@ -323,17 +320,14 @@ def test_close_without_frames_is_an_error_and_leaves_nothing(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_audio_track_validation_and_comfy_audio():
-    track = AudioTrack.from_comfy({"waveform": torch.zeros(1, 2, 300), "sample_rate": 48000})
+def test_audio_track_validation():
+    track = AudioTrack(torch.zeros(2, 300), 48000)
     assert track.waveform.shape == (2, 300) and track.waveform.dtype == np.float32 and track.channels == 2
-    assert track.samples_until(25, Fraction(25)) == 48000
     np.testing.assert_array_equal(track.segment(290, 310)[:, 10:], 0)
     with pytest.raises(InputError, match="44056 Hz.*44100"):
         AudioTrack(np.zeros((1, 10), np.float32), 44056)
     with pytest.raises(InputError, match="channels, samples"):
         AudioTrack(np.zeros((10, 2, 2), np.float32), 16000)
-    with pytest.raises(InputError, match="AUDIO dict"):
-        AudioTrack.from_comfy({"samples": 1})
 
 
 def test_memory_stays_flat_while_writing_many_frames(tmp_path):

@@ -329,7 +329,7 @@ def detector_available() -> bool:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_on_tiny_weights(name, demo_models, comfy_folders):
-    from keyface.video import probe_media
+    from keyface.media import probe_media
 
     host.configure(models=demo_models, **comfy_folders)
     try:

@@ -1,8 +1,10 @@
-"""Audio in and out of the library: decoding files, ComfyUI ``AUDIO`` dicts, and the 16 kHz mono waveform.
+"""Audio in: decoding files, the ComfyUI ``AUDIO`` dict, and the 16 kHz mono waveform of the encoders.
 
-Every audio input becomes one :class:`AudioClip` (float32 ``(channels, samples)`` at its own rate). The
-encoders then need 16 kHz mono (:func:`to_encoder_waveform`), cut into 25-fps video frames of 640 samples
-(:func:`num_video_frames`); :func:`raw_audio_frames` is the audio muxed into the output video.
+Every audio input becomes one :class:`AudioClip` (float32 ``(channels, samples)`` at its own rate):
+:func:`load_audio` decodes a file, :meth:`AudioClip.from_comfy` is the one reader of a ComfyUI ``AUDIO``
+dict, and :meth:`AudioClip.cut` trims a clip by seconds (samples counted by the one trimming rule,
+:func:`keyface.media.samples_spanning`). The encoders then need 16 kHz mono (:func:`to_encoder_waveform`),
+cut into 25-fps video frames of 640 samples (:func:`num_video_frames`).
 
 Channel policy (``mode``):
 
@@ -10,7 +12,9 @@ Channel policy (``mode``):
 * ``"reference"``: what the original feature script does (spec §3.1 **[quirk]**): when the rate is not
   16 kHz only channel 0 is kept; at 16 kHz the channels are averaged. Use it for parity with old results.
 
-The muxed audio (:func:`raw_audio_frames`) is the channel mean in both modes, as in the original.
+The output video carries the clip itself, every channel at its own rate (``keyface.video.AudioTrack``), not
+the 16 kHz mono the original muxed; :func:`raw_audio_frames` reproduces the original's muxed audio (its
+``get_raw_audio``) for parity checks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from ..constants import ENCODER_SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..errors import InputError
+from ..media import samples_spanning
 
 CHANNEL_MODES = ("default", "reference")
 
@@ -69,13 +74,20 @@ class AudioClip:
         return {"waveform": self.waveform.unsqueeze(0), "sample_rate": self.sample_rate}
 
     @classmethod
-    def from_comfy(cls, audio: dict[str, Any], name: str = "audio") -> AudioClip:
-        """Read a ComfyUI ``AUDIO`` dict (batch of one; a larger batch is refused: split it upstream)."""
+    def from_comfy(cls, audio: Any, name: str = "audio") -> AudioClip:
+        """The one reader of a ComfyUI ``AUDIO`` dict ``{"waveform": (1, channels, samples), "sample_rate": int}``.
+
+        ``name`` is the input named in the error raised for anything else: not such a dict, a waveform that
+        is not a float tensor of that shape, a batch of several clips (KeyFace drives one video from one
+        clip), an empty or non-finite waveform, a rate that is not a positive integer.
+        """
         if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
             raise InputError(f"{name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'")
         waveform = audio["waveform"]
         if not isinstance(waveform, torch.Tensor) or waveform.dim() != 3:
             raise InputError(f"{name}: AUDIO 'waveform' must be a tensor of shape (batch, channels, samples)")
+        if not waveform.is_floating_point():
+            raise InputError(f"{name}: AUDIO 'waveform' must hold float samples in [-1, 1], got {waveform.dtype}")
         if waveform.shape[0] != 1:
             raise InputError(
                 f"{name}: AUDIO holds a batch of {waveform.shape[0]} clips; KeyFace drives one video from one "
@@ -85,6 +97,20 @@ class AudioClip:
         if isinstance(sample_rate, torch.Tensor) and sample_rate.numel() == 1:
             sample_rate = sample_rate.item()
         return cls(waveform[0].detach().to("cpu", torch.float32).contiguous(), _as_rate(sample_rate, name), name)
+
+    def cut(self, start_seconds: float = 0.0, duration_seconds: float | None = None) -> AudioClip:
+        """The part from ``start_seconds`` lasting ``duration_seconds`` (None: to the end), samples counted by
+        :func:`keyface.media.samples_spanning`; a start at or past the end is an InputError."""
+        first = samples_spanning(start_seconds, self.sample_rate)
+        if first >= self.num_samples:
+            raise InputError(
+                f"start_seconds: {start_seconds} s is at or after the end of {self.source} "
+                f"({self.duration_seconds:.2f} s)"
+            )
+        if first == 0 and duration_seconds is None:
+            return self
+        last = None if duration_seconds is None else first + samples_spanning(duration_seconds, self.sample_rate)
+        return AudioClip(self.waveform[:, first:last].contiguous(), self.sample_rate, self.source)
 
 
 def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | None = None) -> AudioClip:
@@ -96,7 +122,10 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
         duration: seconds to keep from ``start`` (``None``: to the end).
 
     Returns:
-        The clip at the file's own sample rate, every channel kept.
+        The clip at the file's own sample rate, every channel kept. From an mp4 / mov / m4a file it ends
+        where the container says the track ends (its sample durations and edit list), which FFmpeg's
+        decoder does not apply at the end: the silence padding the encoder's last AAC frame is left out,
+        so the audio of a KeyFace video reads back exactly as long as the video.
     """
     import av  # imported here: decoding is the only user
 
@@ -120,16 +149,19 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
         sample_rate = stream.rate or stream.codec_context.sample_rate
         if not sample_rate:
             raise InputError(f"{name}: the audio track does not state its sample rate")
-        first = round(start * sample_rate)
-        last = None if duration is None else first + round(duration * sample_rate)
+        first = samples_spanning(start, sample_rate)
+        last = None if duration is None else first + samples_spanning(duration, sample_rate)
+        stated_end = _stated_end(container, stream, sample_rate)
+        if stated_end is not None:
+            last = stated_end if last is None else min(last, stated_end)
         chunks: list[np.ndarray] = []
         position = 0
         try:
             if first > 0 and stream.time_base is not None:
                 container.seek(int(start / stream.time_base), stream=stream)
             for frame in container.decode(stream):
-                if frame.time is not None:
-                    position = round(frame.time * sample_rate)
+                if frame.pts is not None and frame.time_base is not None:
+                    position = samples_spanning(frame.pts * frame.time_base, sample_rate)
                 samples = _frame_to_float(frame, name)
                 begin, end = position, position + samples.shape[1]
                 position = end
@@ -204,6 +236,14 @@ def raw_audio_frames(clip: AudioClip) -> torch.Tensor:
     mono = resample_to_encoder_rate(clip.waveform.mean(dim=0), clip.sample_rate)
     frames = num_video_frames(mono.shape[0])
     return pad_to_frames(mono, frames).reshape(frames, SAMPLES_PER_FRAME).contiguous()
+
+
+def _stated_end(container, stream, sample_rate: int) -> int | None:
+    """The sample at which an mp4-family container says the audio track ends, else None (FFmpeg trims the
+    encoder's padding itself where a format can say so, e.g. Ogg; mp4 states it only in sample durations)."""
+    if "mp4" not in container.format.name.split(",") or stream.duration is None or stream.time_base is None:
+        return None
+    return samples_spanning(((stream.start_time or 0) + stream.duration) * stream.time_base, sample_rate)
 
 
 def _frame_to_float(frame, name: str) -> np.ndarray:
