@@ -1109,7 +1109,7 @@ def test_video_combine_refuses_bad_input_naming_it(chain):
         run("KeyFaceVideoCombine")
     with pytest.raises(InputError, match="^video / images"):
         run("KeyFaceVideoCombine", video=chain.video, images=torch.rand(1, 8, 8, 3))
-    with pytest.raises(InputError, match="^fps: fps=30"):
+    with pytest.raises(InputError, match="^fps: 30 is not the rate of a KeyFace video"):
         run("KeyFaceVideoCombine", video=chain.video, fps=30.0)
     with pytest.raises(InputError, match="^crf"):
         run("KeyFaceVideoCombine", images=torch.rand(1, 8, 8, 3), crf=60)
