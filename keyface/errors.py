@@ -58,6 +58,15 @@ class KeyFaceError(Exception):
         return renamed
 
 
+def brief(error: BaseException, limit: int = 400) -> str:
+    """Another library's exception text cut for a KeyFace message (which is one or two lines): its first two
+    lines and how many more there were, at most ``limit`` characters (torch's ``load_state_dict`` lists every
+    mismatched tensor)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return text if len(text) <= limit else text[: limit - 4].rstrip() + " ..."
+
+
 class InputError(KeyFaceError, ValueError):
     """An argument, file content or setting is invalid (names the input and the accepted values)."""
 
