@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import keyface
 from keyface.errors import InputError, KeyFaceError
 
 from . import host
@@ -54,25 +55,40 @@ def check_widgets(node_class, values: Mapping[str, Any]) -> None:
 
 # The artist messages of the node running now (None outside a node_function call).
 _messages: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("keyface_node_messages", default=None)
-_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / folder) for folder in ("keyface", "nodes"))
+# Where KeyFace's own code lives: warnings raised from there are for the artist.
+_OWN_CODE = (str(Path(keyface.__file__).resolve().parent), str(Path(__file__).resolve().parent))
 
 
-def tell_artist(text: str) -> None:
-    """Show ``text`` on the running node (with the node's earlier messages of this run) and log it."""
-    logger.warning("KeyFace: %s", text)
+def _show(text: str) -> None:
     shown = _messages.get()
     if shown is not None:
         shown.append(text)
         host.show_node_text("\n".join(shown))
 
 
+def tell_artist(text: str) -> None:
+    """Show ``text`` on the running node (with the node's earlier messages of this run) and log it."""
+    logger.warning("KeyFace: %s", text)
+    _show(text)
+
+
 def _show_warning(previous, message, category, filename, lineno, file=None, line=None) -> None:
     """warnings.showwarning while a node runs: KeyFace's own warnings (raised from the library or the nodes)
     reach the artist; other libraries' go where they always go."""
-    if str(Path(filename).resolve()).startswith(_PACKAGES):
+    if str(Path(filename).resolve()).startswith(_OWN_CODE):
         tell_artist(str(message))
     else:
         previous(message, category, filename, lineno, file, line)
+
+
+class _LibraryLogWarnings(logging.Handler):
+    """The library's logged warnings (e.g. a checkpoint's assumed head width) also go onto the running node."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _show(record.getMessage())
 
 
 def node_function(labels: Mapping[str, str] | None = None) -> Callable:
@@ -81,7 +97,7 @@ def node_function(labels: Mapping[str, str] | None = None) -> Callable:
     * A :class:`~keyface.errors.KeyFaceError` names its input by the widget (``labels``: library input name ->
       widget name, e.g. ``{"num_steps": "steps"}``) and stays short (at most :data:`MAX_MESSAGE` characters).
     * Library warnings (crop enlarged, several faces, ...) become messages on the node (:func:`tell_artist`), not
-      Python ``UserWarning`` lines with a source path.
+      Python ``UserWarning`` lines with a source path; the library's logged warnings are shown there too.
     """
     labels = dict(labels or {})
 
@@ -89,6 +105,8 @@ def node_function(labels: Mapping[str, str] | None = None) -> Callable:
         @functools.wraps(function)
         def run(*args, **kwargs):
             token = _messages.set([])
+            library_log, handler = logging.getLogger(keyface.__name__), _LibraryLogWarnings()
+            library_log.addHandler(handler)
             try:
                 with warnings.catch_warnings():  # also forgets which warnings an earlier run showed
                     warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
@@ -102,6 +120,7 @@ def node_function(labels: Mapping[str, str] | None = None) -> Callable:
                     raise
                 raise worded from None
             finally:
+                library_log.removeHandler(handler)
                 _messages.reset(token)
 
         return run

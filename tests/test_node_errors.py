@@ -8,6 +8,7 @@ The nodes run in-process as in tests/test_nodes.py (its fixtures: demo weights, 
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 import warnings
@@ -313,15 +314,17 @@ def test_a_node_run_collects_its_messages_and_leaves_other_warnings_alone(shown)
         warnings.warn_explicit("first note", UserWarning, common.__file__, 1)  # as if raised by KeyFace code
         warnings.warn_explicit("second note", UserWarning, common.__file__, 2)
         warnings.warn_explicit("a torch warning", UserWarning, "/site-packages/torch/nn/modules/conv.py", 1)
+        logging.getLogger("keyface.checkpoints.infer").warning("head width assumed")  # the library's log
         return "done"
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert node_body() == "done"
-    assert shown == ["first note", "first note\nsecond note"]  # each text replaces the node's previous one
+    # each text replaces the node's previous one
+    assert shown == ["first note", "first note\nsecond note", "first note\nsecond note\nhead width assumed"]
     assert [str(warning.message) for warning in caught] == ["a torch warning"]
     common.tell_artist("outside a node run: logged only")
-    assert len(shown) == 2
+    assert len(shown) == 3
 
 
 def test_long_library_messages_are_cut_for_the_node():
