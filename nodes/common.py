@@ -21,6 +21,7 @@ from . import host
 CATEGORY = "KeyFace"
 # A node error is one or two lines: longer library messages are cut here (ComfyUI stores and sends each error).
 MAX_MESSAGE = 600
+_CHOICES_SHOWN = 12  # a combo's choices named in a message (a models folder may hold hundreds of files)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def check_widgets(node_class, values: Mapping[str, Any]) -> None:
                 if not low <= value <= high:
                     raise InputError(f"{name}: {value} is outside the allowed range {low} .. {high}")
             elif isinstance(kind, list) and value not in kind:
-                raise InputError(f"{name}: {value!r} is not one of {kind}")
+                shown = ", ".join(map(repr, kind[:_CHOICES_SHOWN]))
+                more = f" and {len(kind) - _CHOICES_SHOWN} more" if len(kind) > _CHOICES_SHOWN else ""
+                raise InputError(f"{name}: {value!r} is not one of {shown}{more}")
 
 
 # --------------------------------------------------------------------------------- errors and messages

@@ -105,6 +105,24 @@ def test_handles_read_as_comfyui_reports_them(chain):
     assert str(chain.keyframes).startswith("KeyframesHandle(2 keyframes of 15 frames")
     assert str(chain.crop).startswith("FaceCropHandle(box (10, 0, 80) of a 100x80 picture")
     assert str(chain.features).startswith("AudioInput(0.60 s, 1 channel(s) at 22050 Hz, 15 frames")
+    assert str(chain.emotion) == "EmotionCurve(2 valence and 2 arousal points up to 0.5 s, linear, accentuate 1)"
+
+
+def test_a_long_emotion_curve_and_a_long_choice_list_stay_short():
+    from keyface.emotion import EmotionCurve
+
+    points = tuple((t / 10, (t % 20) / 20) for t in range(2000))
+    assert repr(EmotionCurve(points, points)).startswith("EmotionCurve(2000 valence and 2000 arousal points")
+
+    class Node:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"keyframe": ([f"stage_{i:03d}.safetensors" for i in range(300)], {})}}
+
+    with pytest.raises(InputError) as raised:
+        common.check_widgets(Node, {"keyframe": "missing.safetensors"})
+    check_message(str(raised.value), names="keyframe: 'missing.safetensors' is not one of 'stage_000.safetensors'")
+    assert str(raised.value).endswith("'stage_011.safetensors' and 288 more")
 
 
 # ---------------------------------------------------------------------------------------- every node error
