@@ -110,6 +110,13 @@ class EmotionCurve:
             raise InputError(f"emotion accentuate: expected a number >= 0, got {self.accentuate!r}")
         object.__setattr__(self, "accentuate", float(self.accentuate))
 
+    def __repr__(self) -> str:  # short: a host may put it into an error report (an edited curve has many points)
+        last = max(self.valence[-1][0], self.arousal[-1][0])
+        return (
+            f"EmotionCurve({len(self.valence)} valence and {len(self.arousal)} arousal points up to {last:g} s, "
+            f"{self.interpolation}, accentuate {self.accentuate:g})"
+        )
+
     @classmethod
     def constant(cls, emotion: str, accentuate: float = 1.0) -> EmotionCurve:
         """One named emotion for the whole clip."""

@@ -302,6 +302,29 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, overlap: Liter
 # choosing the crop
 
 
+class NoFaceError(InputError):
+    """No face was found in auto mode; ``centre_box`` ``(x, y, size)`` is the centre square, a manual box to
+    start from."""
+
+    def __init__(self, message: str, *, input_name: str | None = None, centre_box: tuple[int, int, int] | None = None):
+        super().__init__(message, input_name=input_name)
+        self.centre_box = centre_box
+
+
+def centre_square(image: np.ndarray, name: str = "identity image") -> np.ndarray:
+    """The square picture KeyFace animates when no crop was chosen: ``image`` (uint8 (H, W, 3)) itself when it is
+    square, else its largest centred square at full resolution, with a warning naming ``name``."""
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    warnings.warn(
+        f"{name}: the portrait is {width}x{height}, not square; using its centre square (crop the face first to "
+        "choose it)",
+        stacklevel=2,
+    )
+    return square_crop(image, center_box(width, height), min(width, height))[0]
+
+
 @dataclass(frozen=True)
 class CropRequest:
     """How to choose the crop: ``"auto"`` (face detection), ``"center"``, or ``"box"`` with ``box=(x, y, size)``."""
@@ -435,10 +458,12 @@ def crop_face(
         if not faces:
             if on_no_face == "error":
                 suggestion = center_box(width, height)
-                raise InputError(
+                raise NoFaceError(
                     f"no face found in {label} ({width}x{height}); give the face square by hand as "
                     f"crop='x,y,size' in source pixels (for example '{suggestion[0]},{suggestion[1]},{suggestion[2]}' "
-                    "is the centre square), or use crop='center'"
+                    "is the centre square), or use crop='center'",
+                    input_name="crop",
+                    centre_box=suggestion,
                 )
             notes.append(f"no face found in {label}; used the centre square instead")
             mode, box = "center", center_box(width, height)

@@ -140,11 +140,7 @@ def settings_from_arguments(args) -> GenerationSettings:
     try:
         return GenerationSettings(**values)
     except InputError as error:
-        message = str(error)
-        for name, flag in CLI_FLAGS.items():
-            if message.startswith(name):
-                raise InputError(flag + message[len(name) :]) from None
-        raise
+        raise error.naming(CLI_FLAGS) from None
 
 
 def generate_from_files(args) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from keyface.errors import InputError
 
 from . import host
-from .common import CATEGORY, NodeProgress, check_widgets
+from .common import CATEGORY, NodeProgress, check_widgets, file_named_as_chosen, node_function
 from .handles import AUDIO_FEATURES, MODEL, AudioInput
 
 MAX_SECONDS = 24 * 3600.0
@@ -99,6 +99,7 @@ class KeyFaceLoadAudio:
         stat = path.stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
+    @node_function()
     def load(self, model, audio=None, start_seconds=0.0, duration_seconds=0.0, audio_input=None, audioUI=None):
         # audioUI: the frontend sends its player widget's (empty) value along; nothing to do with it
         clip = self.clip(audio, start_seconds, duration_seconds, audio_input)
@@ -122,6 +123,7 @@ class KeyFaceLoadAudio:
                 raise InputError("audio: no audio file chosen and audio_input is not connected")
             path = host.input_path(audio)
             if not path.is_file():
-                raise InputError(f"audio: file {audio!r} not found in ComfyUI's input folder ({path.parent})")
-            return load_audio(path, start_seconds, duration)
+                raise InputError(f"audio: file {audio!r} not found in ComfyUI's input folder; upload it")
+            with file_named_as_chosen(path, f"audio {audio}"):
+                return load_audio(path, start_seconds, duration)
         return AudioClip.from_comfy(audio_input, "audio_input").cut(start_seconds, duration)

@@ -1,17 +1,29 @@
-"""Glue shared by the node modules: input checks, IMAGE <-> pixel conversions, progress reporting."""
+"""Glue shared by the node modules: input checks, error and warning wording, IMAGE <-> pixel conversions,
+progress reporting."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import logging
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
-from keyface.errors import InputError
+import keyface
+from keyface.errors import InputError, KeyFaceError
 
 from . import host
 
 CATEGORY = "KeyFace"
+# A node error is one or two lines: longer library messages are cut here (ComfyUI stores and sends each error).
+MAX_MESSAGE = 600
+_CHOICES_SHOWN = 12  # a combo's choices named in a message (a models folder may hold hundreds of files)
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ input checks
@@ -37,7 +49,109 @@ def check_widgets(node_class, values: Mapping[str, Any]) -> None:
                 if not low <= value <= high:
                     raise InputError(f"{name}: {value} is outside the allowed range {low} .. {high}")
             elif isinstance(kind, list) and value not in kind:
-                raise InputError(f"{name}: {value!r} is not one of {kind}")
+                shown = ", ".join(map(repr, kind[:_CHOICES_SHOWN]))
+                more = f" and {len(kind) - _CHOICES_SHOWN} more" if len(kind) > _CHOICES_SHOWN else ""
+                raise InputError(f"{name}: {value!r} is not one of {shown}{more}")
+
+
+# --------------------------------------------------------------------------------- errors and messages
+
+# The artist messages of the node running now (None outside a node_function call).
+_messages: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("keyface_node_messages", default=None)
+# Where KeyFace's own code lives: warnings raised from there are for the artist.
+_OWN_CODE = (str(Path(keyface.__file__).resolve().parent), str(Path(__file__).resolve().parent))
+
+
+def _show(text: str) -> None:
+    shown = _messages.get()
+    if shown is not None:
+        shown.append(text)
+        host.show_node_text("\n".join(shown))
+
+
+def tell_artist(text: str) -> None:
+    """Show ``text`` on the running node (with the node's earlier messages of this run) and log it."""
+    logger.warning("KeyFace: %s", text)
+    _show(text)
+
+
+def _show_warning(previous, message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning while a node runs: KeyFace's own warnings (raised from the library or the nodes)
+    reach the artist; other libraries' go where they always go."""
+    if str(Path(filename).resolve()).startswith(_OWN_CODE):
+        tell_artist(str(message))
+    else:
+        previous(message, category, filename, lineno, file, line)
+
+
+class _LibraryLogWarnings(logging.Handler):
+    """The library's logged warnings (e.g. a checkpoint's assumed head width) also go onto the running node."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _show(record.getMessage())
+
+
+def node_function(labels: Mapping[str, str] | None = None) -> Callable:
+    """Decorator for a node's FUNCTION: what the library says reaches the artist in the node's own words.
+
+    * A :class:`~keyface.errors.KeyFaceError` names its input by the widget (``labels``: library input name ->
+      widget name, e.g. ``{"num_steps": "steps"}``) and stays short (at most :data:`MAX_MESSAGE` characters).
+    * Library warnings (crop enlarged, several faces, ...) become messages on the node (:func:`tell_artist`), not
+      Python ``UserWarning`` lines with a source path; the library's logged warnings are shown there too.
+    """
+    labels = dict(labels or {})
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            token = _messages.set([])
+            library_log, handler = logging.getLogger(keyface.__name__), _LibraryLogWarnings()
+            library_log.addHandler(handler)
+            try:
+                with warnings.catch_warnings():  # also forgets which warnings an earlier run showed
+                    warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+                    return function(*args, **kwargs)
+            except KeyFaceError as error:
+                worded = error.naming(labels)
+                message = str(worded)
+                if len(message) > MAX_MESSAGE:
+                    worded = worded.with_message(message[: MAX_MESSAGE - 4].rstrip() + " ...")
+                if worded is error:
+                    raise
+                raise worded from None
+            finally:
+                library_log.removeHandler(handler)
+                _messages.reset(token)
+
+        return run
+
+    return decorate
+
+
+@contextlib.contextmanager
+def file_named_as_chosen(path: Path, chosen: str) -> Iterator[None]:
+    """Library errors about the file ``path`` call it ``chosen`` (the name in the widget), not by its full path
+    on the server."""
+    try:
+        yield
+    except KeyFaceError as error:
+        message = str(error)
+        if str(path) not in message:
+            raise
+        raise error.with_message(message.replace(str(path), chosen)) from None
+
+
+def widget_problem(node_class, values: Mapping[str, Any]) -> str | None:
+    """:func:`check_widgets` for a ``VALIDATE_INPUTS``: the message, or None when the values are fine. (ComfyUI
+    skips its own range check for every input a ``VALIDATE_INPUTS`` names, and passes a linked one as None.)"""
+    try:
+        check_widgets(node_class, values)
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def single_image(image, name: str):
@@ -95,7 +209,7 @@ class NodeProgress:
         host.check_interrupted()
 
     def on_event(self, event) -> None:
-        """A :class:`keyface.pipeline.ProgressEvent`; a finished keyframe's picture is shown on the node."""
+        """A :class:`keyface.progress.ProgressEvent`; a finished keyframe's picture is shown on the node."""
         preview = None
         if event.preview is not None:
             from PIL import Image

@@ -6,14 +6,10 @@ text alone, so it works (and validates) without the extension.
 
 from __future__ import annotations
 
-import logging
-
 from keyface.errors import InputError
 
-from .common import CATEGORY, check_widgets
+from .common import CATEGORY, check_widgets, node_function, tell_artist
 from .handles import EMOTION
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_DURATION = 10.0  # seconds; the editor's time axis when no audio length is connected (web widget default)
 MAX_DURATION = 24 * 3600.0
@@ -83,12 +79,11 @@ class KeyFaceEmotionCurve:
             return str(error)
         return True
 
+    @node_function()
     def build(self, emotion, duration=DEFAULT_DURATION):
         check_widgets(type(self), {"duration": duration})
         curve = parse_emotion_input(emotion)
         last = max(curve.valence[-1][0], curve.arousal[-1][0])
         if last > duration:
-            logger.warning(
-                "KeyFace emotion: the curve has points up to %.2f s, after the clip's %.2f s", last, duration
-            )
+            tell_artist(f"emotion: the curve has points up to {last:.2f} s, after the clip's {duration:.2f} s")
         return (curve,)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-from keyface.errors import InputError
+from keyface.errors import InputError, KeyFaceError
 
 from .common import (
     CATEGORY,
     NodeProgress,
     check_widgets,
     image_to_uint8,
+    node_function,
     single_image,
     uint8_to_image,
 )
@@ -103,19 +104,32 @@ class KeyFaceCropFace:
             }
         }
 
+    @node_function()
     def crop(self, image, mode="auto", x=0, y=0, size=512, margin=0.6, face_index=0, crop_size=512, feather=0.1):
-        from keyface.face import crop_face
+        from keyface.face import NoFaceError, crop_face
 
         check_widgets(type(self), locals())
         picture = single_image(image, "image")
         request = (x, y, size) if mode == "manual" else mode
         try:
             result = crop_face(picture, request, size=crop_size, margin=margin, face_index=face_index, name="image")
-        except InputError as error:
-            if mode != "auto":
-                raise
+        except NoFaceError as error:
+            box_x, box_y, box_size = error.centre_box
+            height, width = picture.shape[:2]
             raise InputError(
-                f"{error}. (In this node: mode 'manual' uses the box x, y, size; mode 'center' the centre square.)"
+                f"image: no face found ({width}x{height}); set mode to 'manual' and give the face square as x, y, "
+                f"size in source pixels (x={box_x}, y={box_y}, size={box_size} is the centre square), or set mode "
+                "to 'center'",
+                input_name="image",
+            ) from None
+        except InputError:
+            raise
+        except KeyFaceError as error:  # the optional face detector is missing or broken
+            problem = str(error).split(" Without it")[0].rstrip(".")
+            raise InputError(
+                f"mode: 'auto' cannot run the face detector: {problem}. Restart ComfyUI after installing it, "
+                "or set mode to 'center' or 'manual'",
+                input_name="mode",
             ) from None
         face = uint8_to_image(result.image)[None]
         handle = FaceCropHandle(result.info, picture, feather)
@@ -143,6 +157,7 @@ class KeyFacePasteBack:
             }
         }
 
+    @node_function()
     def paste(self, images, crop):
         import torch
 

@@ -16,7 +16,7 @@ from .common import (
     CATEGORY,
     NodeProgress,
     check_widgets,
-    images_from_pixels,
+    node_function,
     reporting,
     single_image,
 )
@@ -35,15 +35,10 @@ logger = logging.getLogger(__name__)
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
-# Keyframe IMAGE output: at most this many bytes of float32 pixels (ComfyUI keeps node outputs in RAM); larger
-# batches are made smaller (10 minutes of video = 1154 keyframes -> about 272 px).
-KEYFRAME_IMAGES_BUDGET = 1024**3
-# Keyframes decoded per VAE call for the IMAGE output.
-DECODE_BLOCK = 16
-# An edited keyframe differs from the sampler's somewhere by more than this (in [0, 1] units): above 8-bit
-# rounding (a PNG save and reload of an unedited keyframe stays below), below any visible retouch.
-EDIT_TOLERANCE = 1.5 / 255
 SEGMENTS_PER_CALL_MAX = 64
+# GenerationSettings fields -> the widget that sets them, for library messages about a value.
+SAMPLER_WIDGETS = {"num_steps": "steps"}
+INTERPOLATOR_WIDGETS = {"interpolation_steps": "steps", "interpolation_seed": "seed"}
 
 
 def _seed_input(tooltip: str):
@@ -60,23 +55,6 @@ def _steps_input(tooltip: str):
 
 def _scale_input(default: float, tooltip: str):
     return ("FLOAT", {"default": default, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1, "tooltip": tooltip})
-
-
-def identity_square(image):
-    """The portrait as a square uint8 crop: one image; a non-square one is centre-cropped with a warning."""
-    from keyface.identity import square_crop
-
-    picture = single_image(image, "image")
-    height, width = picture.shape[:2]
-    if height == width:
-        return picture
-    logger.warning(
-        "KeyFace: image: the portrait is %dx%d, not square; using its centre square (connect KeyFace Crop Face "
-        "to choose the face)",
-        width,
-        height,
-    )
-    return square_crop(picture, None, min(width, height))[0]
 
 
 class KeyFaceKeyframeSampler:
@@ -158,17 +136,22 @@ class KeyFaceKeyframeSampler:
             },
         }
 
+    @node_function(SAMPLER_WIDGETS)
     def sample(
         self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
     ):
+        import torch
+
         from keyface.emotion import parse_emotion
+        from keyface.face import centre_square
         from keyface.generate import audio_feature_mode
+        from keyface.keyframe_images import decode_keyframe_images, keyframe_image_side
         from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
 
         check_widgets(type(self), locals())
         if audio is None:
             raise InputError("audio: connect the features output of KeyFace Load Audio")
-        face = identity_square(image)
+        face = centre_square(single_image(image, "image"), "image")
         settings = GenerationSettings(
             num_steps=steps, audio_scale=audio_scale, identity_scale=identity_scale, seed=seed, schedule=schedule
         )
@@ -183,38 +166,14 @@ class KeyFaceKeyframeSampler:
             job = TalkingHeadJob(models, conditioning, settings, progress=progress.on_event, preview_keyframes=True)
             job.generate_keyframes()
             frames = [frame for frame, _ in job.keyframe_slots()]
-            images = decode_keyframe_images(job, keyframe_image_size, progress)
+            if keyframe_image_size == 0:
+                images = torch.zeros((1, 64, 64, 3))  # ComfyUI needs an IMAGE: one black placeholder
+            else:
+                side = keyframe_image_side(len(frames), keyframe_image_size, models.image_size)
+                images = decode_keyframe_images(job, side, progress.update)
         logger.info("KeyFace: %d keyframes at frames %s (job folder %s)", len(frames), frames[:6], job.folder.path)
         handle = KeyframesHandle(job, model, audio, frames, images if keyframe_image_size else None)
         return (handle, images)
-
-
-def decode_keyframe_images(job, size: int, progress: NodeProgress):
-    """Every keyframe of ``job`` decoded, in frame order, as an ``IMAGE`` (n, s, s, 3); one black 64 px image
-    when ``size`` is 0."""
-    import torch
-
-    slots = job.keyframe_slots()
-    if size == 0:
-        return torch.zeros((1, 64, 64, 3))
-    side = min(size, job.models.image_size)
-    affordable = int((KEYFRAME_IMAGES_BUDGET / (len(slots) * 3 * 4)) ** 0.5) // 8 * 8
-    if affordable < side:
-        logger.warning(
-            "KeyFace: %d keyframes; keyframe images made %d px wide to stay under 1 GiB", len(slots), affordable
-        )
-        side = max(affordable, 8)
-    images = torch.empty((len(slots), side, side, 3))
-    for first in range(0, len(slots), DECODE_BLOCK):
-        block = slots[first : first + DECODE_BLOCK]
-        pixels = job.decode_keyframes(torch.stack([job.slot_latent(slot_id) for _, slot_id in block]))
-        if pixels.shape[-1] != side:
-            pixels = torch.nn.functional.interpolate(
-                pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False
-            ).clamp(0.0, 1.0)
-        images[first : first + len(block)] = images_from_pixels(pixels)
-        progress.update(first + len(block), len(slots))
-    return images
 
 
 class KeyFaceKeyframeInterpolator:
@@ -273,6 +232,7 @@ class KeyFaceKeyframeInterpolator:
             },
         }
 
+    @node_function(INTERPOLATOR_WIDGETS)
     def interpolate(self, keyframes, seed, steps, autoguidance_scale, segments_per_call, edited_keyframes=None):
         check_widgets(type(self), locals())
         if keyframes is None:
@@ -285,50 +245,23 @@ class KeyFaceKeyframeInterpolator:
             interpolation_seed=None if seed == sampled.settings.seed else seed,
         )
         progress = NodeProgress()
-        with keyframes.bundle.on_device() as models:
+        with keyframes.bundle.on_device():
             if edited_keyframes is not None:
-                apply_edits(job, models, keyframes, edited_keyframes)
+                apply_edits(job, keyframes, edited_keyframes)
             with reporting(job, progress):
                 job.interpolate()
         return (VideoHandle(job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS),)
 
 
-def apply_edits(job, models, keyframes: KeyframesHandle, edited) -> list[int]:
+def apply_edits(job, keyframes: KeyframesHandle, edited) -> list[int]:
     """Replace the keyframes whose image in ``edited`` differs from the sampler's; returns their frames."""
-    import torch
+    from keyface.keyframe_images import apply_keyframe_edits
 
-    original = keyframes.images
-    if original is None:
+    if keyframes.images is None:
         raise InputError(
             "edited_keyframes: the Keyframe Sampler did not output keyframe images (keyframe_image_size is 0); "
             "set it above 0 to edit keyframes"
         )
-    if getattr(edited, "ndim", 0) != 4 or edited.shape[-1] != 3:
-        raise InputError("edited_keyframes: expected a ComfyUI IMAGE batch (count, height, width, 3)")
-    if len(edited) != len(original):
-        raise InputError(
-            f"edited_keyframes: got {len(edited)} images; the sampler made {len(original)} keyframes. Give back "
-            "the whole keyframe_images batch, in order, with your edits"
-        )
-    if edited.shape[1] != edited.shape[2]:
-        raise InputError(
-            f"edited_keyframes: images must be square like the keyframes, got {edited.shape[2]}x{edited.shape[1]}"
-        )
-    compared = edited.float()
-    if compared.shape[1:3] != original.shape[1:3]:
-        compared = torch.nn.functional.interpolate(
-            compared.permute(0, 3, 1, 2), size=original.shape[1:3], mode="bilinear", antialias=True, align_corners=False
-        )
-        compared = compared.permute(0, 2, 3, 1)
-    changed = ((compared - original).abs().amax(dim=(1, 2, 3)) > EDIT_TOLERANCE).nonzero().flatten().tolist()
-    for index in changed:
-        if edited.shape[1] < models.image_size:
-            logger.warning(
-                "KeyFace: edited keyframe %d is %d px; enlarged to the model's %d px",
-                index,
-                edited.shape[1],
-                models.image_size,
-            )
-        job.replace_keyframe(keyframes.frames[index], models.encode_image(edited[index].float())[0])
-    logger.info("KeyFace: %d edited keyframe(s) at frames %s", len(changed), [keyframes.frames[i] for i in changed])
-    return [keyframes.frames[i] for i in changed]
+    replaced = apply_keyframe_edits(job, keyframes.frames, keyframes.images, edited)
+    logger.info("KeyFace: %d edited keyframe(s) at frames %s", len(replaced), replaced)
+    return replaced

@@ -56,6 +56,9 @@ class ModelBundle:
     offload_device: torch.device
     dtype: torch.dtype
 
+    def __repr__(self) -> str:  # short: ComfyUI puts str() of every node input into its error reports
+        return f"ModelBundle({self.models!r}, device {self.device}, offload device {self.offload_device})"
+
     @property
     def offloads(self) -> bool:
         return self.device != self.offload_device
@@ -98,6 +101,13 @@ class AudioInput:
     features: AudioFeatures
     extractor: AudioFeatureExtractor
 
+    def __repr__(self) -> str:
+        clip = self.clip
+        return (
+            f"AudioInput({clip.duration_seconds:.2f} s, {clip.num_channels} channel(s) at {clip.sample_rate} Hz, "
+            f"{self.num_frames} frames, {self.features.mode} features)"
+        )
+
     @property
     def num_frames(self) -> int:
         return self.features.num_frames
@@ -122,6 +132,10 @@ class FaceCropHandle:
     original: np.ndarray
     feather: float
 
+    def __repr__(self) -> str:
+        height, width = self.original.shape[:2]
+        return f"FaceCropHandle(box {self.info.box} of a {width}x{height} picture, feather {self.feather})"
+
     def paste_back(self):
         """A per-frame transform: square uint8 frame -> the full picture with the frame blended in."""
         from keyface.face import PasteBack
@@ -141,6 +155,9 @@ class KeyframesHandle:
     frames: list[int]
     images: torch.Tensor | None
 
+    def __repr__(self) -> str:
+        return f"KeyframesHandle({len(self.frames)} keyframes of {self.job.num_frames} frames, {self.bundle!r})"
+
 
 @dataclass
 class VideoHandle:
@@ -150,6 +167,9 @@ class VideoHandle:
     bundle: ModelBundle
     clip: AudioClip
     fps: int
+
+    def __repr__(self) -> str:
+        return f"VideoHandle({self.num_frames} frames at {self.fps} fps, {self.size} px, {self.bundle!r})"
 
     @property
     def num_frames(self) -> int:

@@ -224,6 +224,20 @@ def check_interrupted() -> None:
         management.throw_exception_if_processing_interrupted()
 
 
+def show_node_text(text: str) -> None:
+    """Show ``text`` under the running node in ComfyUI's UI (``PromptServer.send_progress_text``; replaces the
+    node's previous text). No-op outside ComfyUI or when no node is running."""
+    if not in_comfyui():
+        return
+    server, execution = _comfy("server"), _comfy("comfy_execution.utils")
+    if server is None or execution is None:
+        return
+    context = execution.get_executing_context()
+    instance = getattr(server.PromptServer, "instance", None)
+    if context is not None and instance is not None:
+        instance.send_progress_text(text, context.node_id)
+
+
 def preview_max_size() -> int:
     cli_args = _comfy("comfy.cli_args")
     return getattr(cli_args.args, "preview_size", DEFAULT_PREVIEW_SIZE) if cli_args else DEFAULT_PREVIEW_SIZE

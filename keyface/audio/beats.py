@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from ..files import file_identity
 from .attention import RelativePositionBias, blockwise_attention, position_gate
 from .encoders import AudioEncoder
@@ -315,5 +315,5 @@ def load_beats(
     try:
         model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{_WHAT}: {checkpoint.path} does not match its own cfg ({error})") from error
+        raise CheckpointError(f"{_WHAT}: {checkpoint.path} does not match its own cfg ({brief(error)})") from error
     return BEATsEncoder(model, file_identity(checkpoint.path)).to(device, dtype)

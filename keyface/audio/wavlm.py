@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from ..files import file_identity
 from .speech_encoder import WAVLM_LAYER_NORM, TransformersSpeechEncoder
 from .weights import WAVLM_ORIGIN, read_unilm_checkpoint, require_path
@@ -230,7 +230,7 @@ def load_wavlm(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     try:
         model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{_WHAT}: {path} does not match its own cfg ({error})") from error
+        raise CheckpointError(f"{_WHAT}: {path} does not match its own cfg ({brief(error)})") from error
     encoder = TransformersSpeechEncoder("wavlm", model, file_identity(path), _normalisation(checkpoint.cfg))
     return encoder.to(device, dtype)
 

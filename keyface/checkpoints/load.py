@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import DecoderConfig, EncoderConfig, StageConfig, StageKind
-from ..errors import CheckpointError, MissingWeightsError
+from ..errors import CheckpointError, MissingWeightsError, brief
 from .formats import KEYFACE_WEIGHTS_SOURCE, VAE_WEIGHTS_SOURCE, existing_file, read_checkpoint, read_safetensors
 from .infer import decoder_fields, resolve_stage_config
 from .keymap import DECODER_PREFIX, UNUSED_PREFIXES, VAE_ENCODER_PREFIXES, decoder_key, stage_target
@@ -42,7 +42,7 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the {type(module).__name__}: {exc}") from None
+        raise CheckpointError(f"{path} does not fit the {type(module).__name__}: {brief(exc)}") from None
 
 
 def _load_stage(path, module_class, kind: StageKind, config, device, dtype):

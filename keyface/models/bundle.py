@@ -72,6 +72,12 @@ class KeyFaceModels:
     def image_size(self) -> int:
         return self.interpolation.config.image_size
 
+    def __repr__(self) -> str:
+        """Parts, resolution, dtype and device; never the networks' text (a repr can reach an error report)."""
+        weight = next(self.interpolation.parameters(), None)
+        where = "" if weight is None else f"; {weight.dtype} on {weight.device}"
+        return f"KeyFaceModels({', '.join(self.parts())}; {self.image_size} px{where})"
+
     def parts(self, names=MODEL_PARTS) -> dict[str, torch.nn.Module]:
         """The loaded modules among ``names`` (absent optional parts left out)."""
         return {name: module for name in names if (module := getattr(self, name)) is not None}
