@@ -1,0 +1,126 @@
+"""The report figure: every curve of an :class:`~keyface.evaluate.report.EvaluationReport` on one time axis.
+
+matplotlib (Agg backend, no display) is imported only here, when a figure is drawn: ``pip install matplotlib``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import KeyFaceError
+from ..files import atomic_write
+from .report import EvaluationReport
+
+MATPLOTLIB_HINT = "pip install matplotlib"
+FIGURE_WIDTH_INCHES, PANEL_HEIGHT_INCHES, DPI = 10.0, 1.8, 100
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise KeyFaceError(
+            f"the evaluation figure needs matplotlib, which is not installed: {MATPLOTLIB_HINT}"
+        ) from error
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if len(finite) < 2 or finite.std() == 0:
+        return values - (finite.mean() if len(finite) else 0)
+    return (values - finite.mean()) / finite.std()
+
+
+def render_png(report: EvaluationReport) -> bytes:
+    """The figure as PNG bytes: identity, mouth vs audio, sync measures, emotion (panels with data only)."""
+    plt = _pyplot()
+    data = report.to_dict()
+    seconds = np.arange(report.num_frames) / report.fps
+    panels = ["mouth"]
+    if report.identity is not None:
+        panels.insert(0, "identity")
+    if data["mouth_audio_correlation"] or data["syncnet"]:
+        panels.append("sync")
+    if report.emotion:
+        panels.append("emotion")
+    figure, axes = plt.subplots(
+        len(panels), 1, sharex=True, figsize=(FIGURE_WIDTH_INCHES, PANEL_HEIGHT_INCHES * len(panels)), squeeze=False
+    )
+    axes = dict(zip(panels, axes[:, 0], strict=True))
+    if "identity" in axes:
+        ax = axes["identity"]
+        keep = np.isfinite(report.identity)
+        ax.plot(seconds[keep], report.identity[keep], ".", markersize=2, alpha=0.4, label="detected frames")
+        per_second = np.array([np.nan if v is None else v for v in data["identity"]["per_second"]])
+        ax.plot(np.arange(len(per_second)) + 0.5, per_second, "-", label="per second")
+        slope = data["identity"]["slope_per_minute"]
+        ax.set_title(f"identity similarity to the {report.identity_reference} (slope {slope} / min)", fontsize=9)
+        ax.set_ylabel("cosine")
+        ax.legend(fontsize=7, loc="lower left")
+    ax = axes["mouth"]
+    ax.plot(seconds, _standardised(report.mouth_open), label="mouth open")
+    if report.audio_energy is not None:
+        ax.plot(
+            seconds[: len(report.audio_energy)], _standardised(report.audio_energy), alpha=0.7, label="audio energy"
+        )
+    ax.set_ylabel("z-score")
+    ax.set_title("mouth openness and audio energy", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    if "sync" in axes:
+        ax = axes["sync"]
+        if data["mouth_audio_correlation"]:
+            windows = data["mouth_audio_correlation"]["windows"]
+            width = report.correlation_window / report.fps
+            ax.step(
+                [w["start_s"] for w in windows] + [len(windows) * width],
+                [w["correlation"] for w in windows] + [windows[-1]["correlation"] if windows else None],
+                where="post",
+                label="mouth/energy correlation",
+            )
+        if data["syncnet"]:
+            windows = data["syncnet"]["windows"]
+            ax.plot([w["start_s"] for w in windows], [w["lse_c"] for w in windows], "o-", label="LSE-C")
+            ax.plot([w["start_s"] for w in windows], [w["lse_d"] for w in windows], "s-", label="LSE-D")
+        ax.set_title("lip sync over time", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    if "emotion" in axes:
+        ax = axes["emotion"]
+        for name, values in report.emotion.items():
+            ax.plot(np.arange(len(values)), values, label=name)
+        ax.set_title("emotion curve (from the video's metadata)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[panels[-1]].set_xlabel("time (s)")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def render_image(report: EvaluationReport) -> np.ndarray:
+    """The figure as a uint8 RGB array ``(height, width, 3)`` (what the node outputs as an IMAGE)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(render_png(report))) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def write_report(report: EvaluationReport, folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.png`` into ``folder`` (created), each atomically."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    png = render_png(report)
+    json_path, png_path = folder / "report.json", folder / "report.png"
+    with atomic_write(json_path, "evaluation report", (".json",)) as temp:
+        temp.write_text(report.to_json() + "\n", encoding="utf-8")
+    with atomic_write(png_path, "evaluation figure", (".png",)) as temp:
+        temp.write_bytes(png)
+    return json_path, png_path

@@ -1,0 +1,360 @@
+"""Evaluate a generated talking-head video: one streamed pass over its frames, then the report.
+
+:func:`evaluate_file` (a video file) and :func:`evaluate_frames` (frames + audio, e.g. from ComfyUI) return
+an :class:`EvaluationReport`: plain per-second / per-window numbers (JSON-ready) and the list of what was
+skipped and why. Per frame only scalars are kept (mouth openness, identity similarity); frames, crops and
+network features live only for one SyncNet window (``sync_window`` frames), so memory does not grow with
+the length of the video. The audio track is decoded whole (16 kHz mono: 3.8 MB per minute).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..constants import VIDEO_FPS
+from ..errors import InputError, KeyFaceError
+from . import signals
+from .tracking import DEFAULT_DETECT_EVERY, TrackedFace, arcface_crop, mouth_openness, syncnet_crop, track_faces
+from .weights import DEFAULT_EVAL_FOLDER
+
+SECONDS_PER_MINUTE = 60
+IDENTITY_BATCH = 16
+# Metadata entry holding the emotion curve JSON the video was generated with (keyface.emotion.EmotionCurve).
+EMOTION_METADATA_KEY = "keyface_emotion"
+LIPSCORE_NOT_IMPLEMENTED = (
+    "LipScore is not implemented yet (it needs the auto_avsr VSR conformer encoder and its 68-landmark "
+    "mouth crop); the ground-truth video was not used"
+)
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How the video is measured.
+
+    Attributes:
+        weights: folder with the evaluation networks (``arcface_r50.pth``, ``syncnet_v2.model``).
+        detect_every: run the face detector on every n-th frame, interpolate in between.
+        sync_window: frames per SyncNet window (LSE-C / LSE-D over time).
+        correlation_window: frames per window of the mouth-open / audio-energy correlation.
+        max_offset: frames searched on each side for the best audio offset (both sync measures).
+        device: torch device of the networks.
+    """
+
+    weights: Path = DEFAULT_EVAL_FOLDER
+    detect_every: int = DEFAULT_DETECT_EVERY
+    sync_window: int = 2 * VIDEO_FPS
+    correlation_window: int = 5 * VIDEO_FPS
+    max_offset: int = 15
+    device: str = "cpu"
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate_frames` measured; :meth:`to_dict` is the JSON report."""
+
+    num_frames: int
+    fps: float
+    frames_with_face: int
+    detect_every: int
+    mouth_open: np.ndarray  # (frames,)
+    audio_energy: np.ndarray | None  # (frames,) log RMS, None without audio
+    identity: np.ndarray | None  # (frames,) cosine similarity on detected frames, NaN elsewhere
+    identity_reference: str | None
+    correlation: signals.LaggedCorrelation | None
+    correlation_windows: list[signals.LaggedCorrelation]
+    correlation_window: int
+    sync_windows: list[Any]  # syncnet.SyncScore
+    emotion: dict[str, list[float]] | None  # per second: "valence", "arousal"
+    skipped: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+    def identity_summary(self) -> dict[str, Any] | None:
+        if self.identity is None:
+            return None
+        per_second = signals.per_period(self.identity, round(self.fps))
+        return {
+            "reference": self.identity_reference,
+            "mean": _number(np.nanmean(self.identity)) if np.isfinite(self.identity).any() else None,
+            "per_second": _numbers(per_second),
+            "per_minute": _numbers(signals.per_period(self.identity, round(self.fps) * SECONDS_PER_MINUTE)),
+            "slope_per_minute": _number(signals.slope_per_minute(self.identity, self.fps)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number of the report (NaN -> null), ready for ``json.dumps``."""
+        window_seconds = self.correlation_window / self.fps
+        correlation = None
+        if self.correlation is not None:
+            correlation = {
+                "correlation": _number(self.correlation.correlation),
+                "lag_frames": self.correlation.lag,
+                "window_frames": self.correlation_window,
+                "windows": [
+                    {"start_s": i * window_seconds, "correlation": _number(w.correlation), "lag_frames": w.lag}
+                    for i, w in enumerate(self.correlation_windows)
+                ],
+            }
+        syncnet = None
+        if self.sync_windows:
+            syncnet = {
+                "lse_d": _number(np.mean([w.lse_d for w in self.sync_windows])),
+                "lse_c": _number(np.mean([w.lse_c for w in self.sync_windows])),
+                "offset_frames": int(np.median([w.offset for w in self.sync_windows])),
+                "windows": [
+                    {
+                        "start_s": w.start_frame / self.fps,
+                        "frames": w.num_frames,
+                        "lse_d": _number(w.lse_d),
+                        "lse_c": _number(w.lse_c),
+                        "offset_frames": w.offset,
+                    }
+                    for w in self.sync_windows
+                ],
+            }
+        return {
+            "source": self.source,
+            "frames": self.num_frames,
+            "fps": self.fps,
+            "duration_s": self.duration,
+            "face": {"detect_every": self.detect_every, "frames_with_face": self.frames_with_face},
+            "identity": self.identity_summary(),
+            "mouth_audio_correlation": correlation,
+            "syncnet": syncnet,
+            "lipscore": None,
+            "emotion": self.emotion,
+            "signals_per_second": {
+                "mouth_open": _numbers(signals.per_period(self.mouth_open, round(self.fps))),
+                "audio_energy": None
+                if self.audio_energy is None
+                else _numbers(signals.per_period(self.audio_energy, round(self.fps))),
+            },
+            "skipped": dict(self.skipped),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+
+def _number(value: float) -> float | None:
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _numbers(values: Iterable[float]) -> list[float | None]:
+    return [_number(v) for v in values]
+
+
+def _load_networks(options: EvaluationOptions, skipped: dict[str, str]):
+    """The identity embedder and the SyncNet scorer, each None (with the reason in ``skipped``) if unavailable."""
+    from .arcface import IdentityEmbedder
+    from .syncnet import SyncScorer
+
+    loaded = []
+    for name, loader in (("identity", IdentityEmbedder), ("syncnet", SyncScorer)):
+        try:
+            loaded.append(loader.from_folder(options.weights, options.device))
+        except KeyFaceError as error:
+            skipped[name] = str(error)
+            loaded.append(None)
+    return loaded
+
+
+def _reference_embedding(embedder, reference_image) -> np.ndarray | None:
+    from ..face import detect_faces
+    from ..identity import load_identity_image
+
+    image = load_identity_image(reference_image, name="reference image")
+    faces = detect_faces(image)
+    if not faces:
+        raise InputError("reference image: no face found; pass a portrait where the face is clearly visible")
+    face = faces[0]
+    tracked = TrackedFace(np.array([face.x, face.y, face.width, face.height]), np.array(face.landmarks), True)
+    return embedder.embed([arcface_crop(image, tracked)])[0]
+
+
+def emotion_from_metadata(metadata: dict[str, str], num_frames: int, fps: float) -> dict[str, list[float]] | None:
+    """Per-second valence / arousal of the curve stored in a video's tags, or None when it carries none.
+
+    Read from the ``keyface_emotion`` tag (an EmotionCurve JSON), else from the ComfyUI workflow tag
+    ``prompt`` (the text input of its KeyFace Emotion Curve node).
+    """
+    from ..emotion import parse_emotion
+
+    lowered = {key.lower(): value for key, value in metadata.items()}
+    value = lowered.get(EMOTION_METADATA_KEY)
+    if value is None and "prompt" in lowered:
+        try:
+            prompt = json.loads(lowered["prompt"])
+        except ValueError:
+            prompt = {}
+        for node in prompt.values() if isinstance(prompt, dict) else ():
+            emotion = node.get("inputs", {}).get("emotion") if isinstance(node, dict) else None
+            if node.get("class_type") == "KeyFaceEmotionCurve" and isinstance(emotion, str):
+                value = emotion
+                break
+    if value is None:
+        return None
+    curve = parse_emotion(value)
+    times = np.arange(math.ceil(num_frames / fps), dtype=np.float64)
+    valence, arousal = curve.values_at(times)
+    return {"valence": _numbers(valence), "arousal": _numbers(arousal)}
+
+
+def evaluate_frames(
+    frames: Iterable[np.ndarray],
+    waveform_16k: np.ndarray | None,
+    *,
+    reference_image: Any = None,
+    ground_truth: Any = None,
+    metadata: dict[str, str] | None = None,
+    options: EvaluationOptions = EvaluationOptions(),
+    source: str = "frames",
+) -> EvaluationReport:
+    """Measure a video given as uint8 RGB frames ``(H, W, 3)`` at 25 fps and its 16 kHz mono audio ``(samples,)``.
+
+    ``reference_image``: the portrait the video was made from (path, array, ...); without it the identity
+    curve compares every face with the first detected one. ``ground_truth``: the real video for LipScore.
+    """
+    fps = float(VIDEO_FPS)
+    skipped: dict[str, str] = {}
+    if ground_truth is not None:
+        skipped["lipscore"] = LIPSCORE_NOT_IMPLEMENTED
+    embedder, scorer = _load_networks(options, skipped)
+    mfcc = None
+    if waveform_16k is None:
+        for name in ("mouth_audio_correlation", "syncnet"):
+            skipped[name] = "the video has no audio"
+        scorer = None
+    else:
+        mfcc = signals.mfcc(waveform_16k) if scorer is not None else None
+    reference = reference_name = None
+    if embedder is not None and reference_image is not None:
+        reference = _reference_embedding(embedder, reference_image)
+        reference_name = "reference image"
+
+    mouth, identity = [], []
+    identity_frames, identity_crops = [], []
+    sync_crops: list[np.ndarray] = []
+    sync_start = 0
+    sync_windows = []
+    frames_with_face = 0
+
+    def flush_identity() -> None:
+        nonlocal reference, reference_name
+        if not identity_crops:
+            return
+        embeddings = embedder.embed(identity_crops)
+        if reference is None:
+            reference, reference_name = embeddings[0], "first detected face"
+        for index, embedding in zip(identity_frames, embeddings, strict=True):
+            identity[index] = float(embedding @ reference)
+        identity_frames.clear()
+        identity_crops.clear()
+
+    def flush_sync() -> None:
+        from .syncnet import SYNCNET_FRAMES
+
+        if scorer is not None and len(sync_crops) >= SYNCNET_FRAMES:
+            sync_windows.append(scorer.score(np.stack(sync_crops), sync_start, mfcc, options.max_offset))
+        sync_crops.clear()
+
+    for tracked in track_faces(frames, options.detect_every):
+        face, image = tracked.face, tracked.image
+        mouth.append(mouth_openness(image, face) if face is not None else float("nan"))
+        identity.append(float("nan"))
+        if face is None:
+            flush_sync()  # a window never spans a frame without a face
+            sync_start = tracked.index + 1
+            continue
+        frames_with_face += 1
+        if embedder is not None and tracked.face.detected:
+            identity_frames.append(tracked.index)
+            identity_crops.append(arcface_crop(image, face))
+            if len(identity_crops) == IDENTITY_BATCH:
+                flush_identity()
+        if scorer is not None:
+            sync_crops.append(syncnet_crop(image, face))
+            if len(sync_crops) == options.sync_window:
+                flush_sync()
+                sync_start = tracked.index + 1
+    if embedder is not None:
+        flush_identity()
+    flush_sync()
+
+    num_frames = len(mouth)
+    if num_frames == 0:
+        raise InputError(f"{source}: the video has no frames")
+    if frames_with_face == 0:
+        skipped["face"] = "no face found in any frame: nothing to measure but the audio"
+    mouth_open = np.array(mouth)
+    energy = correlation = None
+    windows: list[signals.LaggedCorrelation] = []
+    if waveform_16k is not None:
+        energy = signals.frame_energy(waveform_16k)[:num_frames]
+        correlation = signals.lagged_correlation(mouth_open, energy, options.max_offset)
+        windows = signals.windowed_correlation(mouth_open, energy, options.correlation_window, options.max_offset)
+    emotion = emotion_from_metadata(metadata or {}, num_frames, fps)
+    if emotion is None:
+        skipped["emotion"] = "the video carries no KeyFace emotion metadata"
+    return EvaluationReport(
+        num_frames=num_frames,
+        fps=fps,
+        frames_with_face=frames_with_face,
+        detect_every=options.detect_every,
+        mouth_open=mouth_open,
+        audio_energy=energy,
+        identity=None if embedder is None else np.array(identity),
+        identity_reference=reference_name,
+        correlation=correlation,
+        correlation_windows=windows,
+        correlation_window=options.correlation_window,
+        sync_windows=sync_windows,
+        emotion=emotion,
+        skipped=skipped,
+        source=source,
+    )
+
+
+def evaluate_file(
+    video: str | os.PathLike,
+    *,
+    reference_image: Any = None,
+    ground_truth: str | os.PathLike | None = None,
+    options: EvaluationOptions = EvaluationOptions(),
+) -> EvaluationReport:
+    """Measure a video file (25 fps, with its audio track); frames are decoded one at a time."""
+    from ..audio.io import load_audio, to_encoder_waveform
+    from ..video import iter_video_frames, probe_media
+
+    info = probe_media(video)
+    if info.video is None:
+        raise InputError(f"video: {video} has no video stream")
+    if abs(float(info.video.fps) - VIDEO_FPS) > 0.01:
+        raise InputError(
+            f"video: {video} runs at {float(info.video.fps):g} fps; the evaluation expects KeyFace's "
+            f"{VIDEO_FPS} fps (re-encode it at {VIDEO_FPS} fps)"
+        )
+    waveform = None
+    if info.audio is not None:
+        waveform = to_encoder_waveform(load_audio(video)).numpy()
+    return evaluate_frames(
+        iter_video_frames(video),
+        waveform,
+        reference_image=reference_image,
+        ground_truth=ground_truth,
+        metadata=info.metadata,
+        options=options,
+        source=str(video),
+    )
