@@ -70,6 +70,18 @@ def load_state_dict(weights: EvalWeights, folder: str | os.PathLike) -> dict[str
     return tensors_of(torch_load(path, what=weights.what, source=weights.origin), path)
 
 
+def config_of(read_config, state: dict[str, torch.Tensor], weights: EvalWeights, folder: str | os.PathLike):
+    """``read_config(state)`` (a network size read from key names and shapes), or one CheckpointError line
+    when the file holds another network."""
+    try:
+        return read_config(state)
+    except (KeyError, ValueError, IndexError):
+        raise CheckpointError(
+            f"{weights.what}: {weights.path_in(folder)} holds another network (its keys are not the expected "
+            f"layout); {weights.origin}"
+        ) from None
+
+
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: EvalWeights, path: Path) -> None:
     """Copy ``state`` into ``module`` strictly; a key or shape mismatch is one CheckpointError line."""
     expected = module.state_dict()
