@@ -27,6 +27,10 @@ class KeyFaceEvaluate:
     FUNCTION = "evaluate"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("plot", "report_json")
+    OUTPUT_TOOLTIPS = (
+        "One figure with every curve on a shared time axis (connect Preview Image or Save Image).",
+        "The report's numbers as JSON text (per second, per minute, per window, and what was skipped).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
