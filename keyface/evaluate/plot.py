@@ -47,8 +47,10 @@ def render_png(report: EvaluationReport) -> bytes:
     panels = ["mouth"]
     if report.identity is not None:
         panels.insert(0, "identity")
-    if data["mouth_audio_correlation"] or data["syncnet"]:
-        panels.append("sync")
+    if data["mouth_audio_correlation"]:
+        panels.append("correlation")
+    if data["syncnet"]:
+        panels.append("syncnet")
     if report.emotion:
         panels.append("emotion")
     figure, axes = plt.subplots(
@@ -74,23 +76,34 @@ def render_png(report: EvaluationReport) -> bytes:
     ax.set_ylabel("z-score")
     ax.set_title("mouth openness and audio energy", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
-    if "sync" in axes:
-        ax = axes["sync"]
-        if data["mouth_audio_correlation"]:
-            windows = data["mouth_audio_correlation"]["windows"]
-            width = report.correlation_window / report.fps
-            ax.step(
-                [w["start_s"] for w in windows] + [len(windows) * width],
-                [w["correlation"] for w in windows] + [windows[-1]["correlation"] if windows else None],
-                where="post",
-                label="mouth/energy correlation",
-            )
-        if data["syncnet"]:
-            windows = data["syncnet"]["windows"]
-            ax.plot([w["start_s"] for w in windows], [w["lse_c"] for w in windows], "o-", label="LSE-C")
-            ax.plot([w["start_s"] for w in windows], [w["lse_d"] for w in windows], "s-", label="LSE-D")
-        ax.set_title("lip sync over time", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
+    if "correlation" in axes:
+        ax = axes["correlation"]
+        correlation = data["mouth_audio_correlation"]
+        centres = [w["start_s"] + report.correlation_window / report.fps / 2 for w in correlation["windows"]]
+        ax.plot(centres, [w["correlation"] for w in correlation["windows"]], "o-", label="correlation")
+        lags = ax.twinx()
+        lags.plot(centres, [w["lag_frames"] for w in correlation["windows"]], "x--", color="tab:red", label="lag")
+        lags.set_ylabel("best lag (frames)")
+        ax.set_ylabel("correlation")
+        ax.set_title(
+            f"mouth / audio-energy correlation per window (whole video: {correlation['correlation']} "
+            f"at lag {correlation['lag_frames']} frames)",
+            fontsize=9,
+        )
+    if "syncnet" in axes:
+        ax = axes["syncnet"]
+        windows = data["syncnet"]["windows"]
+        centres = [w["start_s"] + w["frames"] / report.fps / 2 for w in windows]
+        ax.plot(centres, [w["lse_c"] for w in windows], "o-", label="LSE-C")
+        ax.set_ylabel("LSE-C")
+        distance = ax.twinx()
+        distance.plot(centres, [w["lse_d"] for w in windows], "s--", color="tab:green", label="LSE-D")
+        distance.set_ylabel("LSE-D")
+        ax.set_title(
+            f"SyncNet per window: LSE-C {data['syncnet']['lse_c']}, LSE-D {data['syncnet']['lse_d']}, "
+            f"offset {data['syncnet']['offset_frames']} frames",
+            fontsize=9,
+        )
     if "emotion" in axes:
         ax = axes["emotion"]
         for name, values in report.emotion.items():

@@ -29,6 +29,7 @@ from .weights import SYNCNET_WEIGHTS, config_of, load_into, load_state_dict
 SYNCNET_FRAMES = 5  # video frames per SyncNet input
 SYNCNET_MFCC = SYNCNET_FRAMES * MFCC_PER_FRAME  # 20 MFCC windows
 DEFAULT_MAX_OFFSET = 15  # frames searched on each side
+WINDOW_BATCH = 16  # 5-frame video windows per network call
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,16 @@ class SyncScorer:
 
     @torch.no_grad()
     def video_features(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 crops ``(frames, 224, 224, 3)`` -> features of each 5-frame window ``(frames - 4, embedding)``."""
-        clip = torch.from_numpy(crops).float().permute(3, 0, 1, 2)  # (3, frames, 224, 224), values 0-255
-        windows = torch.stack([clip[:, i : i + SYNCNET_FRAMES] for i in range(len(crops) - SYNCNET_FRAMES + 1)])
-        return self.network.video_features(windows.to(self.device)).float().cpu().numpy()
+        """uint8 crops ``(frames, 224, 224, 3)`` -> features of each 5-frame window ``(frames - 4, embedding)``.
+
+        Windows go through the network ``WINDOW_BATCH`` at a time (each is a 3 MB float copy of 5 frames)."""
+        clip = torch.from_numpy(crops).to(self.device).permute(3, 0, 1, 2).float()  # (3, frames, 224, 224), 0-255
+        starts = range(len(crops) - SYNCNET_FRAMES + 1)
+        features = []
+        for first in range(0, len(starts), WINDOW_BATCH):
+            batch = [clip[:, i : i + SYNCNET_FRAMES] for i in starts[first : first + WINDOW_BATCH]]
+            features.append(self.network.video_features(torch.stack(batch)).float().cpu())
+        return torch.cat(features).numpy()
 
     def score(self, crops: np.ndarray, start_frame: int, mfcc: np.ndarray, max_offset: int) -> SyncScore:
         """Score ``crops`` (consecutive frames from ``start_frame``) at offsets ``±max_offset``."""
