@@ -19,6 +19,14 @@ from keyface.constants import ENCODER_SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS
 from keyface.errors import CheckpointError, KeyFaceError, MissingWeightsError
 from keyface.evaluate import EvaluationOptions, evaluate_file, evaluate_frames
 from keyface.evaluate.arcface import ArcFaceConfig, IdentityEmbedder, IResNet
+from keyface.evaluate.lipscore import (
+    VSR_WEIGHTS,
+    RelativeSelfAttention,
+    VsrEncoder,
+    VsrEncoderConfig,
+    load_vsr_encoder,
+    relative_positions,
+)
 from keyface.evaluate.signals import frame_energy, lagged_correlation, mfcc, per_period, slope_per_minute
 from keyface.evaluate.syncnet import SyncNet, SyncNetConfig, SyncScorer
 from keyface.evaluate.tracking import track_faces
@@ -41,6 +49,9 @@ def _detector_available() -> bool:
 needs_detector = pytest.mark.skipif(not _detector_available(), reason="face detector not installed")
 
 TINY_ARCFACE = ArcFaceConfig(blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16), embedding=32)
+TINY_VSR = VsrEncoderConfig(
+    blocks=3, dim=16, heads=2, feed_forward=32, kernel=5, stem=8, trunk_widths=(8, 8, 8, 16), trunk_blocks=(1, 1, 1, 1)
+)
 TINY_SYNCNET = SyncNetConfig(audio_channels=(4, 4, 8, 8, 8, 16), video_channels=(4, 4, 8, 8, 8, 16), hidden=16)
 
 
@@ -66,6 +77,10 @@ def eval_weights(tmp_path_factory):
     torch.save(_randomised(IResNet(TINY_ARCFACE), 1).state_dict(), folder / ARCFACE_WEIGHTS.file)
     syncnet = _randomised(SyncNet(TINY_SYNCNET), 2).state_dict()
     torch.save({k: v for k, v in syncnet.items() if "num_batches_tracked" not in k}, folder / SYNCNET_WEIGHTS.file)
+    # the whole auto_avsr model: encoder under "encoder.", ESPnet's "pointwise_cov" spelling, a decoder to ignore
+    encoder = _randomised(VsrEncoder(TINY_VSR), 3).state_dict()
+    vsr = {"encoder." + k.replace(".pointwise_conv", ".pointwise_cov"): v for k, v in encoder.items()}
+    torch.save({**vsr, "decoder.embed.0.weight": torch.zeros(5, 16)}, folder / VSR_WEIGHTS.file)
     return folder
 
 
@@ -174,6 +189,39 @@ def test_stand_ins_load_through_the_real_loaders(eval_weights, tmp_path):
         IdentityEmbedder.from_folder(tmp_path)
 
 
+def test_vsr_encoder_loads_at_reduced_depth_and_attends_by_relative_position(eval_weights, tmp_path):
+    full = load_vsr_encoder(eval_weights)
+    assert full.config == TINY_VSR
+    reduced = load_vsr_encoder(eval_weights, max_blocks=1)
+    assert reduced.config.blocks == 1 and len(reduced.encoders) == 1
+    torch.testing.assert_close(
+        reduced.encoders[0].conv_module.pointwise_conv1.weight, full.encoders[0].conv_module.pointwise_conv1.weight
+    )
+    mouths = torch.randn(1, 1, 6, 88, 88)
+    with torch.no_grad():
+        assert full(mouths).shape == reduced(mouths).shape == (1, 6, 16)
+    with pytest.raises(MissingWeightsError, match="vsr_trlrs2lrs3vox2avsp_base_updated.pth.*auto_avsr"):
+        load_vsr_encoder(tmp_path)
+
+    # Transformer-XL attention, written out: score(i, j) = (q_i + u).k_j + (q_i + v).W_pos r(i - j)
+    attention = _randomised(RelativeSelfAttention(8, 2), 4)
+    with torch.no_grad():
+        attention.pos_bias_u.normal_()
+        attention.pos_bias_v.normal_()
+        x = torch.randn(1, 5, 8)
+        positions = relative_positions(5, 8)  # offsets 4 ... -4
+        q, k, v = (layer(x)[0].view(5, 2, 4) for layer in (attention.linear_q, attention.linear_k, attention.linear_v))
+        p = attention.linear_pos(positions).view(9, 2, 4)
+        scores = torch.empty(2, 5, 5)
+        for i in range(5):
+            for j in range(5):
+                content = ((q[i] + attention.pos_bias_u) * k[j]).sum(-1)
+                position = ((q[i] + attention.pos_bias_v) * p[4 - (i - j)]).sum(-1)
+                scores[:, i, j] = (content + position) / 2.0
+        expected = attention.linear_out(torch.einsum("hij,jhd->ihd", scores.softmax(-1), v).reshape(5, 8))
+        torch.testing.assert_close(attention(x, positions)[0], expected)
+
+
 def test_syncnet_offset_search_on_a_stand_in_with_a_known_answer():
     """Features where video window i equals audio window i - 3: the search must report offset +3, LSE-D 0."""
     table = torch.randn(400, 8, generator=torch.Generator().manual_seed(0)).numpy()
@@ -270,7 +318,8 @@ def test_cli_writes_report_json_and_png(portrait, mouth, eval_weights, tmp_path)
     assert data["mouth_audio_correlation"]["lag_frames"] == 0
     happy = EmotionCurve.constant("happy").values_at(np.zeros(1))
     assert data["emotion"]["valence"] == pytest.approx([float(happy[0][0])] * 3, abs=1e-6)
-    assert "LipScore is not implemented" in data["skipped"]["lipscore"]
+    assert data["lipscore"]["frames_compared"] == 75 and data["lipscore"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert data["lipscore"]["encoder_blocks"] == 3
     with Image.open(out / "report.png") as figure:
         assert figure.format == "PNG" and figure.size[0] == 1000 and figure.size[1] >= 500
 
@@ -294,3 +343,18 @@ def test_node_measures_images_and_audio(portrait, mouth, eval_weights, tmp_path)
     assert data["frames"] == 50 and 0.5 < data["identity"]["mean"] <= 1 and data["syncnet"] is not None
     with pytest.raises(KeyFaceError, match="video_path: give a video file"):
         NODE_CLASS_MAPPINGS["KeyFaceEvaluate"]().evaluate("", 5)
+
+
+@needs_detector
+def test_lipscore_is_one_against_itself_and_lower_against_other_lips(portrait, mouth, eval_weights):
+    options = EvaluationOptions(weights=eval_weights)
+    levels, _ = _speech_like(30, seed=1)
+    others, _ = _speech_like(30, seed=2)
+    generated = [_with_mouth(portrait, mouth, v) for v in levels]
+    same = evaluate_frames(iter(generated), None, ground_truth=iter(generated), options=options)
+    np.testing.assert_allclose(same.lipscore, 1.0, atol=1e-5)
+    shorter = [_with_mouth(portrait, mouth, v) for v in others[:20]]
+    other = evaluate_frames(iter(generated), None, ground_truth=iter(shorter), options=options)
+    summary = other.to_dict()["lipscore"]
+    assert summary["frames_compared"] == 20 and np.isnan(other.lipscore[20:]).all()
+    assert summary["mean"] < 0.999 and "shorter" in other.skipped["lipscore_frames"]

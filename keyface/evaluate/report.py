@@ -22,17 +22,22 @@ import numpy as np
 from ..constants import VIDEO_FPS
 from ..errors import InputError, KeyFaceError
 from . import signals
-from .tracking import DEFAULT_DETECT_EVERY, TrackedFace, arcface_crop, mouth_openness, syncnet_crop, track_faces
+from .tracking import (
+    DEFAULT_DETECT_EVERY,
+    TrackedFace,
+    arcface_crop,
+    mouth_crop,
+    mouth_openness,
+    syncnet_crop,
+    track_faces,
+)
 from .weights import DEFAULT_EVAL_FOLDER
 
 SECONDS_PER_MINUTE = 60
 IDENTITY_BATCH = 16
 # Metadata entry holding the emotion curve JSON the video was generated with (keyface.emotion.EmotionCurve).
 EMOTION_METADATA_KEY = "keyface_emotion"
-LIPSCORE_NOT_IMPLEMENTED = (
-    "LipScore is not implemented yet (it needs the auto_avsr VSR conformer encoder and its 68-landmark "
-    "mouth crop); the ground-truth video was not used"
-)
+LIPSCORE_NEEDS_GROUND_TRUTH = "no ground-truth video given (--ground-truth)"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class EvaluationOptions:
         sync_window: frames per SyncNet window (LSE-C / LSE-D over time).
         correlation_window: frames per window of the mouth-open / audio-energy correlation.
         max_offset: frames searched on each side for the best audio offset (both sync measures).
+        lipscore_blocks: conformer blocks of the VSR encoder to use (None: all of the file's).
         device: torch device of the networks.
     """
 
@@ -53,6 +59,7 @@ class EvaluationOptions:
     sync_window: int = 2 * VIDEO_FPS
     correlation_window: int = 5 * VIDEO_FPS
     max_offset: int = 15
+    lipscore_blocks: int | None = None
     device: str = "cpu"
 
 
@@ -73,6 +80,8 @@ class EvaluationReport:
     correlation_window: int
     sync_windows: list[Any]  # syncnet.SyncScore
     emotion: dict[str, list[float]] | None  # per second: "valence", "arousal"
+    lipscore: np.ndarray | None = None  # (frames,) cosine similarity to the ground truth, NaN where not compared
+    lipscore_blocks: int | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
@@ -90,6 +99,17 @@ class EvaluationReport:
             "per_second": _numbers(per_second),
             "per_minute": _numbers(signals.per_period(self.identity, round(self.fps) * SECONDS_PER_MINUTE)),
             "slope_per_minute": _number(signals.slope_per_minute(self.identity, self.fps)),
+        }
+
+    def lipscore_summary(self) -> dict[str, Any] | None:
+        if self.lipscore is None:
+            return None
+        compared = np.isfinite(self.lipscore)
+        return {
+            "mean": _number(np.mean(self.lipscore[compared])) if compared.any() else None,
+            "frames_compared": int(compared.sum()),
+            "encoder_blocks": self.lipscore_blocks,
+            "per_second": _numbers(signals.per_period(self.lipscore, round(self.fps))),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +152,7 @@ class EvaluationReport:
             "identity": self.identity_summary(),
             "mouth_audio_correlation": correlation,
             "syncnet": syncnet,
-            "lipscore": None,
+            "lipscore": self.lipscore_summary(),
             "emotion": self.emotion,
             "signals_per_second": {
                 "mouth_open": _numbers(signals.per_period(self.mouth_open, round(self.fps))),
@@ -184,6 +204,42 @@ def _reference_embedding(embedder, reference_image) -> np.ndarray | None:
     return embedder.embed([arcface_crop(image, tracked)])[0]
 
 
+def _ground_truth(ground_truth: Any, options: EvaluationOptions, skipped: dict[str, str]):
+    """The LipScore scorer and the tracked ground-truth frames, or ``(None, None)`` (reason in ``skipped``).
+
+    ``ground_truth``: a video file (25 fps) or an iterable of uint8 RGB frames."""
+    if ground_truth is None:
+        skipped["lipscore"] = LIPSCORE_NEEDS_GROUND_TRUTH
+        return None, None
+    from .lipscore import LipScorer, load_vsr_encoder
+
+    try:
+        scorer = LipScorer(load_vsr_encoder(options.weights, options.lipscore_blocks), options.device)
+    except KeyFaceError as error:
+        skipped["lipscore"] = str(error)
+        return None, None
+    if isinstance(ground_truth, (str, os.PathLike)):
+        from ..video import iter_video_frames
+
+        _check_fps(ground_truth, "ground truth")
+        ground_truth = iter_video_frames(ground_truth)
+    return scorer, track_faces(ground_truth, options.detect_every)
+
+
+def _check_fps(path: str | os.PathLike, name: str):
+    from ..video import probe_media
+
+    info = probe_media(path)
+    if info.video is None:
+        raise InputError(f"{name}: {path} has no video stream")
+    if abs(float(info.video.fps) - VIDEO_FPS) > 0.01:
+        raise InputError(
+            f"{name}: {path} runs at {float(info.video.fps):g} fps; the evaluation expects KeyFace's "
+            f"{VIDEO_FPS} fps (re-encode it at {VIDEO_FPS} fps)"
+        )
+    return info
+
+
 def emotion_from_metadata(metadata: dict[str, str], num_frames: int, fps: float) -> dict[str, list[float]] | None:
     """Per-second valence / arousal of the curve stored in a video's tags, or None when it carries none.
 
@@ -229,9 +285,8 @@ def evaluate_frames(
     """
     fps = float(VIDEO_FPS)
     skipped: dict[str, str] = {}
-    if ground_truth is not None:
-        skipped["lipscore"] = LIPSCORE_NOT_IMPLEMENTED
     embedder, scorer = _load_networks(options, skipped)
+    lip_scorer, real_frames = _ground_truth(ground_truth, options, skipped)
     mfcc = None
     if waveform_16k is None:
         for name in ("mouth_audio_correlation", "syncnet"):
@@ -272,6 +327,9 @@ def evaluate_frames(
 
     for tracked in track_faces(frames, options.detect_every):
         face, image = tracked.face, tracked.image
+        real = next(real_frames, None) if real_frames is not None else None
+        if lip_scorer is not None and face is not None and real is not None and real.face is not None:
+            lip_scorer.add(tracked.index, mouth_crop(image, face), mouth_crop(real.image, real.face))
         mouth.append(mouth_openness(image, face) if face is not None else float("nan"))
         identity.append(float("nan"))
         if face is None:
@@ -292,6 +350,18 @@ def evaluate_frames(
     if embedder is not None:
         flush_identity()
     flush_sync()
+    lipscore = None
+    if lip_scorer is not None:
+        lip_scorer.flush()
+        lipscore = np.full(len(mouth), np.nan)
+        for index, value in lip_scorer.scores.items():
+            lipscore[index] = value
+        if real_frames is not None and next(real_frames, None) is not None:
+            skipped["lipscore_frames"] = "the ground-truth video is longer; its extra frames were not compared"
+        elif len(lip_scorer.scores) < len(mouth) and frames_with_face == len(mouth):
+            skipped["lipscore_frames"] = (
+                "the ground-truth video is shorter (or lost its face); compared where both have one"
+            )
 
     num_frames = len(mouth)
     if num_frames == 0:
@@ -322,6 +392,8 @@ def evaluate_frames(
         correlation_window=options.correlation_window,
         sync_windows=sync_windows,
         emotion=emotion,
+        lipscore=lipscore,
+        lipscore_blocks=None if lip_scorer is None else lip_scorer.encoder.config.blocks,
         skipped=skipped,
         source=source,
     )
@@ -336,16 +408,9 @@ def evaluate_file(
 ) -> EvaluationReport:
     """Measure a video file (25 fps, with its audio track); frames are decoded one at a time."""
     from ..audio.io import load_audio, to_encoder_waveform
-    from ..video import iter_video_frames, probe_media
+    from ..video import iter_video_frames
 
-    info = probe_media(video)
-    if info.video is None:
-        raise InputError(f"video: {video} has no video stream")
-    if abs(float(info.video.fps) - VIDEO_FPS) > 0.01:
-        raise InputError(
-            f"video: {video} runs at {float(info.video.fps):g} fps; the evaluation expects KeyFace's "
-            f"{VIDEO_FPS} fps (re-encode it at {VIDEO_FPS} fps)"
-        )
+    info = _check_fps(video, "video")
     waveform = None
     if info.audio is not None:
         waveform = to_encoder_waveform(load_audio(video)).numpy()

@@ -10,6 +10,7 @@ frames before the first face have none.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -133,6 +134,33 @@ def syncnet_crop(image: np.ndarray, face: TrackedFace) -> np.ndarray:
     half = max(width, height) / 2
     centre = (x + width / 2, y + height / 2 + SYNCNET_CROP_SCALE * half)
     return _crop_resized(image, centre, half * (1 + SYNCNET_CROP_SCALE), SYNCNET_SIZE)
+
+
+# LipScore's mouth crop (see keyface.evaluate.lipscore): 96 x 96 around the mouth, centre 88 x 88, gray,
+# normalised as auto_avsr's test transform.
+MOUTH_CROP, MOUTH_INPUT = 96, 88
+MOUTH_CROP_WIDTHS = 2.0  # crop side in mouth-corner distances (approximates the 68-landmark mean-face crop)
+MOUTH_PIXEL_MEAN, MOUTH_PIXEL_STD = 0.421, 0.165
+
+
+def mouth_crop(image: np.ndarray, face: TrackedFace) -> np.ndarray:
+    """The normalised 88 x 88 gray mouth crop of one frame, float32 (levelled, scaled to the mouth width)."""
+    import cv2
+
+    left, right = face.landmarks[3], face.landmarks[4]
+    centre = (left + right) / 2
+    width = max(float(np.hypot(*(right - left))), 1.0)
+    angle = math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
+    matrix = cv2.getRotationMatrix2D(
+        (float(centre[0]), float(centre[1])), angle, MOUTH_CROP / (MOUTH_CROP_WIDTHS * width)
+    )
+    matrix[:, 2] += MOUTH_CROP / 2 - centre
+    crop = cv2.warpAffine(
+        image, matrix, (MOUTH_CROP, MOUTH_CROP), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE
+    )
+    margin = (MOUTH_CROP - MOUTH_INPUT) // 2
+    gray = cv2.cvtColor(crop[margin : margin + MOUTH_INPUT, margin : margin + MOUTH_INPUT], cv2.COLOR_RGB2GRAY)
+    return ((gray.astype(np.float32) / 255.0 - MOUTH_PIXEL_MEAN) / MOUTH_PIXEL_STD).astype(np.float32)
 
 
 def mouth_openness(image: np.ndarray, face: TrackedFace) -> float:
