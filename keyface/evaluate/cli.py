@@ -30,6 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=defaults.detect_every,
         help=f"run the face detector every n-th frame (default {defaults.detect_every})",
     )
+    parser.add_argument(
+        "--lipscore-blocks",
+        type=int,
+        default=None,
+        help="use only the first N conformer blocks of the VSR encoder (default: all; faster, less faithful)",
+    )
     parser.add_argument("--device", default=defaults.device, help=f"torch device (default {defaults.device})")
     parser.set_defaults(handler=run)
     return parser
@@ -40,7 +46,9 @@ def run(args: argparse.Namespace) -> None:
     from .plot import write_report
     from .report import EvaluationOptions, evaluate_file
 
-    options = EvaluationOptions(weights=args.weights, detect_every=args.detect_every, device=args.device)
+    options = EvaluationOptions(
+        weights=args.weights, detect_every=args.detect_every, lipscore_blocks=args.lipscore_blocks, device=args.device
+    )
     report = evaluate_file(
         args.video, reference_image=args.reference_image, ground_truth=args.ground_truth, options=options
     )

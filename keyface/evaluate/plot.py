@@ -51,6 +51,8 @@ def render_png(report: EvaluationReport) -> bytes:
         panels.append("correlation")
     if data["syncnet"]:
         panels.append("syncnet")
+    if data["lipscore"]:
+        panels.append("lipscore")
     if report.emotion:
         panels.append("emotion")
     figure, axes = plt.subplots(
@@ -104,6 +106,14 @@ def render_png(report: EvaluationReport) -> bytes:
             f"offset {data['syncnet']['offset_frames']} frames",
             fontsize=9,
         )
+    if "lipscore" in axes:
+        ax = axes["lipscore"]
+        per_second = [np.nan if v is None else v for v in data["lipscore"]["per_second"]]
+        ax.plot(seconds, report.lipscore, alpha=0.4, label="per frame")
+        ax.plot(np.arange(len(per_second)) + 0.5, per_second, "-", label="per second")
+        ax.set_ylabel("cosine")
+        ax.set_title(f"LipScore against the ground truth (mean {data['lipscore']['mean']})", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
     if "emotion" in axes:
         ax = axes["emotion"]
         for name, values in report.emotion.items():
