@@ -358,3 +358,24 @@ def test_lipscore_is_one_against_itself_and_lower_against_other_lips(portrait, m
     summary = other.to_dict()["lipscore"]
     assert summary["frames_compared"] == 20 and np.isnan(other.lipscore[20:]).all()
     assert summary["mean"] < 0.999 and "shorter" in other.skipped["lipscore_frames"]
+
+
+@needs_detector
+def test_memory_does_not_grow_with_the_length_of_the_video(portrait, mouth, eval_weights):
+    """Peak Python/numpy allocations for 150 streamed frames stay near those for 50 (frames are never held)."""
+    import tracemalloc
+
+    levels, waveform = _speech_like(150)
+    options = EvaluationOptions(weights=eval_weights, detect_every=10)
+
+    def peak(num_frames: int) -> int:
+        frames = (_with_mouth(portrait, mouth, levels[i]) for i in range(num_frames))
+        tracemalloc.start()
+        evaluate_frames(frames, waveform[: num_frames * SAMPLES_PER_FRAME], options=options)
+        result = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return result
+
+    short, long = peak(50), peak(150)
+    held_video = 100 * portrait.nbytes  # what holding the 100 extra frames would add
+    assert long - short < held_video / 4, (short, long)
