@@ -46,6 +46,12 @@ def _detector_available() -> bool:
     return True
 
 
+def _needs_matplotlib() -> None:
+    """The figure needs matplotlib: skip without it on a user machine, fail in CI."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("matplotlib")
+
+
 needs_detector = pytest.mark.skipif(not _detector_available(), reason="face detector not installed")
 
 TINY_ARCFACE = ArcFaceConfig(blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16), embedding=32)
@@ -297,7 +303,7 @@ def test_audio_shifted_by_k_frames_is_found_by_the_mouth_energy_lag(portrait, mo
 
 @needs_detector
 def test_cli_writes_report_json_and_png(portrait, mouth, eval_weights, tmp_path):
-    pytest.importorskip("matplotlib") if os.environ.get("CI") != "true" else None
+    _needs_matplotlib()
     from keyface.cli import main
     from keyface.emotion import EmotionCurve
 
@@ -326,7 +332,7 @@ def test_cli_writes_report_json_and_png(portrait, mouth, eval_weights, tmp_path)
 
 @needs_detector
 def test_node_measures_images_and_audio(portrait, mouth, eval_weights, tmp_path):
-    pytest.importorskip("matplotlib") if os.environ.get("CI") != "true" else None
+    _needs_matplotlib()
     from nodes import NODE_CLASS_MAPPINGS, host
 
     levels, waveform = _speech_like(50)
