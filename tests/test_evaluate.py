@@ -253,6 +253,20 @@ def test_syncnet_offset_search_on_a_stand_in_with_a_known_answer():
 
 
 @needs_detector
+def test_a_video_without_a_face_reports_the_audio_only(eval_weights):
+    noise = np.random.default_rng(0).integers(0, 255, (20, 96, 96, 3), dtype=np.uint8)  # like the demo's output
+    report = evaluate_frames(iter(noise), _speech_like(20)[1], options=EvaluationOptions(weights=eval_weights))
+    data = report.to_dict()
+    assert data["face"]["frames_with_face"] == 0 and "no face found" in data["skipped"]["face"]
+    assert data["identity"]["per_second"] == [None] and data["syncnet"] is None
+    assert (
+        data["mouth_audio_correlation"]["correlation"] is None and data["mouth_audio_correlation"]["lag_frames"] is None
+    )
+    assert len(data["signals_per_second"]["audio_energy"]) == 1
+    json.dumps(data, allow_nan=False)
+
+
+@needs_detector
 def test_tracking_interpolates_between_detections(portrait):
     frames = [np.roll(portrait, shift, axis=1) for shift in range(0, 22, 2)]  # moves 2 px per frame
     tracked = list(track_faces(iter(frames), detect_every=5))

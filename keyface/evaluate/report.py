@@ -119,10 +119,10 @@ class EvaluationReport:
         if self.correlation is not None:
             correlation = {
                 "correlation": _number(self.correlation.correlation),
-                "lag_frames": self.correlation.lag,
+                "lag_frames": _lag(self.correlation),
                 "window_frames": self.correlation_window,
                 "windows": [
-                    {"start_s": i * window_seconds, "correlation": _number(w.correlation), "lag_frames": w.lag}
+                    {"start_s": i * window_seconds, "correlation": _number(w.correlation), "lag_frames": _lag(w)}
                     for i, w in enumerate(self.correlation_windows)
                 ],
             }
@@ -170,6 +170,11 @@ class EvaluationReport:
 def _number(value: float) -> float | None:
     value = float(value)
     return round(value, 6) if math.isfinite(value) else None
+
+
+def _lag(correlation: signals.LaggedCorrelation) -> int | None:
+    """The best lag, or None where no correlation could be computed (no face, silent audio)."""
+    return correlation.lag if math.isfinite(correlation.correlation) else None
 
 
 def _numbers(values: Iterable[float]) -> list[float | None]:
