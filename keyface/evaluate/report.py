@@ -209,6 +209,71 @@ def _reference_embedding(embedder, reference_image) -> np.ndarray | None:
     return embedder.embed([arcface_crop(image, tracked)])[0]
 
 
+class _IdentityCurve:
+    """Identity similarity of every detected frame's face to the reference, embedded ``IDENTITY_BATCH`` at a
+    time; the first detected face is the reference when none is given."""
+
+    def __init__(self, embedder, reference: np.ndarray | None, reference_name: str | None) -> None:
+        self.embedder, self.reference, self.reference_name = embedder, reference, reference_name
+        self.similarity: dict[int, float] = {}
+        self._frames: list[int] = []
+        self._crops: list[np.ndarray] = []
+
+    def add(self, tracked) -> None:
+        if tracked.face is None or not tracked.face.detected:
+            return
+        self._frames.append(tracked.index)
+        self._crops.append(arcface_crop(tracked.image, tracked.face))
+        if len(self._crops) == IDENTITY_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._crops:
+            return
+        embeddings = self.embedder.embed(self._crops)
+        if self.reference is None:
+            self.reference, self.reference_name = embeddings[0], "first detected face"
+        self.similarity.update(zip(self._frames, (embeddings @ self.reference).tolist(), strict=True))
+        self._frames.clear()
+        self._crops.clear()
+
+    def values(self, num_frames: int) -> np.ndarray:
+        """``(num_frames,)``: the similarity on detected frames, NaN elsewhere."""
+        values = np.full(num_frames, np.nan)
+        for index, value in self.similarity.items():
+            values[index] = value
+        return values
+
+
+class _SyncWindows:
+    """SyncNet scores of consecutive windows of ``options.sync_window`` frames; a window never spans a frame
+    without a face (it is cut there)."""
+
+    def __init__(self, scorer, mfcc: np.ndarray, options: EvaluationOptions) -> None:
+        self.scorer, self.mfcc, self.options = scorer, mfcc, options
+        self.windows: list[Any] = []
+        self._crops: list[np.ndarray] = []
+        self._start = 0
+
+    def add(self, tracked) -> None:
+        if tracked.face is None:
+            self.flush()
+            self._start = tracked.index + 1
+            return
+        self._crops.append(syncnet_crop(tracked.image, tracked.face))
+        if len(self._crops) == self.options.sync_window:
+            self.flush()
+            self._start = tracked.index + 1
+
+    def flush(self) -> None:
+        from .syncnet import SYNCNET_FRAMES
+
+        if len(self._crops) >= SYNCNET_FRAMES:
+            crops = np.stack(self._crops)
+            self.windows.append(self.scorer.score(crops, self._start, self.mfcc, self.options.max_offset))
+        self._crops.clear()
+
+
 def _ground_truth(ground_truth: Any, options: EvaluationOptions, skipped: dict[str, str]):
     """The LipScore scorer and the tracked ground-truth frames, or ``(None, None)`` (reason in ``skipped``).
 
@@ -304,57 +369,25 @@ def evaluate_frames(
         reference = _reference_embedding(embedder, reference_image)
         reference_name = "reference image"
 
-    mouth, identity = [], []
-    identity_frames, identity_crops = [], []
-    sync_crops: list[np.ndarray] = []
-    sync_start = 0
-    sync_windows = []
+    identity = _IdentityCurve(embedder, reference, reference_name) if embedder is not None else None
+    sync = _SyncWindows(scorer, mfcc, options) if scorer is not None else None
+    mouth: list[float] = []
     frames_with_face = 0
-
-    def flush_identity() -> None:
-        nonlocal reference, reference_name
-        if not identity_crops:
-            return
-        embeddings = embedder.embed(identity_crops)
-        if reference is None:
-            reference, reference_name = embeddings[0], "first detected face"
-        for index, embedding in zip(identity_frames, embeddings, strict=True):
-            identity[index] = float(embedding @ reference)
-        identity_frames.clear()
-        identity_crops.clear()
-
-    def flush_sync() -> None:
-        from .syncnet import SYNCNET_FRAMES
-
-        if scorer is not None and len(sync_crops) >= SYNCNET_FRAMES:
-            sync_windows.append(scorer.score(np.stack(sync_crops), sync_start, mfcc, options.max_offset))
-        sync_crops.clear()
-
     for tracked in track_faces(frames, options.detect_every):
         face, image = tracked.face, tracked.image
         real = next(real_frames, None) if real_frames is not None else None
         if lip_scorer is not None and face is not None and real is not None and real.face is not None:
             lip_scorer.add(tracked.index, mouth_crop(image, face), mouth_crop(real.image, real.face))
         mouth.append(mouth_openness(image, face) if face is not None else float("nan"))
-        identity.append(float("nan"))
-        if face is None:
-            flush_sync()  # a window never spans a frame without a face
-            sync_start = tracked.index + 1
-            continue
-        frames_with_face += 1
-        if embedder is not None and tracked.face.detected:
-            identity_frames.append(tracked.index)
-            identity_crops.append(arcface_crop(image, face))
-            if len(identity_crops) == IDENTITY_BATCH:
-                flush_identity()
-        if scorer is not None:
-            sync_crops.append(syncnet_crop(image, face))
-            if len(sync_crops) == options.sync_window:
-                flush_sync()
-                sync_start = tracked.index + 1
-    if embedder is not None:
-        flush_identity()
-    flush_sync()
+        frames_with_face += face is not None
+        if identity is not None:
+            identity.add(tracked)
+        if sync is not None:
+            sync.add(tracked)
+    if identity is not None:
+        identity.flush()
+    if sync is not None:
+        sync.flush()
     lipscore = None
     if lip_scorer is not None:
         lip_scorer.flush()
@@ -390,12 +423,12 @@ def evaluate_frames(
         detect_every=options.detect_every,
         mouth_open=mouth_open,
         audio_energy=energy,
-        identity=None if embedder is None else np.array(identity),
-        identity_reference=reference_name,
+        identity=None if identity is None else identity.values(num_frames),
+        identity_reference=None if identity is None else identity.reference_name,
         correlation=correlation,
         correlation_windows=windows,
         correlation_window=options.correlation_window,
-        sync_windows=sync_windows,
+        sync_windows=[] if sync is None else sync.windows,
         emotion=emotion,
         lipscore=lipscore,
         lipscore_blocks=None if lip_scorer is None else lip_scorer.encoder.config.blocks,
