@@ -204,9 +204,7 @@ def _reference_embedding(embedder, reference_image) -> np.ndarray | None:
     faces = detect_faces(image)
     if not faces:
         raise InputError("reference image: no face found; pass a portrait where the face is clearly visible")
-    face = faces[0]
-    tracked = TrackedFace(np.array([face.x, face.y, face.width, face.height]), np.array(face.landmarks), True)
-    return embedder.embed([arcface_crop(image, tracked)])[0]
+    return embedder.embed([arcface_crop(image, TrackedFace.from_detection(faces[0]))])[0]
 
 
 class _IdentityCurve:

@@ -35,6 +35,11 @@ class TrackedFace:
     landmarks: np.ndarray
     detected: bool  # True on frames where the detector ran and found it, False when interpolated or held
 
+    @classmethod
+    def from_detection(cls, face) -> TrackedFace:
+        """From a :class:`keyface.face.FaceDetection`."""
+        return cls(np.array([face.x, face.y, face.width, face.height]), np.array(face.landmarks, np.float64), True)
+
 
 @dataclass(frozen=True)
 class TrackedFrame:
@@ -49,10 +54,7 @@ def _detect(image: np.ndarray) -> TrackedFace | None:
     faces = detect_faces(image)
     if not faces:
         return None
-    face = faces[0]
-    return TrackedFace(
-        np.array([face.x, face.y, face.width, face.height]), np.array(face.landmarks, dtype=np.float64), True
-    )
+    return TrackedFace.from_detection(faces[0])
 
 
 def _between(start: TrackedFace, stop: TrackedFace, weight: float) -> TrackedFace:
