@@ -6,6 +6,7 @@ Commands:
     crop       find the face in an image, write the square crop, print the box as one JSON line
     convert    rewrite an original .pt checkpoint (KeyFace stage or audio encoder) as .safetensors
     download   fetch the released weights from the Hugging Face Hub into a models folder (the only network use)
+    evaluate   measure a generated video (identity drift, lip sync): report.json + report.png
 
 Errors the user can act on are printed as one line (no traceback) with exit status 2; Ctrl-C exits with
 status 130 and says how to resume.
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.add_argument("--token", default=None, help="Hugging Face token (default: your login or HF_TOKEN)")
     download.add_argument("--dry-run", action="store_true", help="list what would be fetched from where")
+    from .evaluate.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -197,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
             from .checkpoints import convert_any
 
             print(convert_any(args.source, args.target))
+        elif args.command == "evaluate":
+            args.handler(args)
         elif args.command == "download":
             from .download import download_command
 

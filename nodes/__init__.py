@@ -6,6 +6,7 @@ they use it, and ComfyUI itself only through :mod:`.host`.
 
 from .audio import KeyFaceLoadAudio
 from .emotion import KeyFaceEmotionCurve
+from .evaluate import KeyFaceEvaluate
 from .face import KeyFaceCropFace, KeyFacePasteBack
 from .generate import KeyFaceKeyframeInterpolator, KeyFaceKeyframeSampler
 from .host import register_model_folders
@@ -22,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KeyFaceVideoCombine": "KeyFace Video Combine",
     "KeyFaceVideoToImages": "KeyFace Video to Images",
     "KeyFacePasteBack": "KeyFace Paste Back",
+    "KeyFaceEvaluate": "KeyFace Evaluate",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -36,6 +38,7 @@ NODE_CLASS_MAPPINGS = {
         KeyFaceVideoCombine,
         KeyFaceVideoToImages,
         KeyFacePasteBack,
+        KeyFaceEvaluate,
     )
 }
 
