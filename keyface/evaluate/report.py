@@ -287,7 +287,7 @@ def _ground_truth(ground_truth: Any, options: EvaluationOptions, skipped: dict[s
         skipped["lipscore"] = str(error)
         return None, None
     if isinstance(ground_truth, (str, os.PathLike)):
-        from ..video import iter_video_frames
+        from ..media import iter_video_frames
 
         _check_fps(ground_truth, "ground truth")
         ground_truth = iter_video_frames(ground_truth)
@@ -295,7 +295,7 @@ def _ground_truth(ground_truth: Any, options: EvaluationOptions, skipped: dict[s
 
 
 def _check_fps(path: str | os.PathLike, name: str):
-    from ..video import probe_media
+    from ..media import probe_media
 
     info = probe_media(path)
     if info.video is None:
@@ -444,7 +444,7 @@ def evaluate_file(
 ) -> EvaluationReport:
     """Measure a video file (25 fps, with its audio track); frames are decoded one at a time."""
     from ..audio.io import load_audio, to_encoder_waveform
-    from ..video import iter_video_frames
+    from ..media import iter_video_frames
 
     info = _check_fps(video, "video")
     waveform = None
