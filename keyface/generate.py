@@ -8,6 +8,7 @@ streaming into the mp4 writer.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     dtype = resolve_dtype(request.precision, torch_device)
     clip = load_audio(request.audio)
     picture = load_identity_image(request.image, name=f"--image {request.image}")
-    face = crop_face(picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index)
+    face = crop_face(
+        picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index, name=f"--image {request.image}"
+    )
     out = Path(request.out).expanduser()
     audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
     writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
@@ -132,6 +135,17 @@ CLI_FLAGS = {
     "schedule": "--schedule",
     "segments_per_call": "--segments-per-call",
 }
+# ... and the GenerationRequest fields whose checks name them.
+REQUEST_FLAGS = {"emotion": "--emotion", "face_index": "--face-index", "crf": "--crf"}
+
+
+def named_by_flag(error: InputError) -> InputError:
+    """``error`` with the library argument its message starts with replaced by that argument's CLI flag."""
+    message = str(error)
+    for name, flag in {**CLI_FLAGS, **REQUEST_FLAGS}.items():
+        if re.match(rf"{name}\b", message):
+            return InputError(flag + message[len(name) :])
+    return error
 
 
 def settings_from_arguments(args) -> GenerationSettings:
@@ -140,11 +154,7 @@ def settings_from_arguments(args) -> GenerationSettings:
     try:
         return GenerationSettings(**values)
     except InputError as error:
-        message = str(error)
-        for name, flag in CLI_FLAGS.items():
-            if message.startswith(name):
-                raise InputError(flag + message[len(name) :]) from None
-        raise
+        raise named_by_flag(error) from None
 
 
 def generate_from_files(args) -> Path:
@@ -166,7 +176,10 @@ def generate_from_files(args) -> Path:
         job_dir=args.job_dir,
         keep_job=args.keep_job,
     )
-    with terminal_progress_bar() as on_event:
-        out = generate_video(request, progress=on_event)
+    try:
+        with terminal_progress_bar() as on_event:
+            out = generate_video(request, progress=on_event)
+    except InputError as error:
+        raise named_by_flag(error) from None
     print(f"wrote {out}")
     return out
