@@ -181,6 +181,7 @@ class Case:
     names: Callable[[Inputs, dict], list[str]]
     early: bool = True
     needs_detector: bool = False
+    marks: tuple = ()
 
 
 def file_of(flag: str) -> Callable[[Inputs, dict], list[str]]:
@@ -281,6 +282,11 @@ REFUSED: dict[str, Case] = {
     "crf negative": Case(lambda inputs: {"--crf": "-1"}, texts("--crf")),
     # -- where and how to run
     "device unknown": Case(lambda inputs: {"--device": "tpu"}, texts("device", "tpu")),
+    "device cuda without a gpu": Case(
+        lambda inputs: {"--device": "cuda"},
+        texts("device", "cuda"),
+        marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),),
+    ),
     "precision unknown": Case(lambda inputs: {"--precision": "int8"}, texts("--precision")),
     # -- checkpoints
     "models folder missing": Case(lambda inputs: {"--models": inputs.scratch / "no-models"}, texts("no-models")),
@@ -517,7 +523,11 @@ def expected_frames(audio_path: Path) -> int:
     return num_video_frames(math.ceil(clip.num_samples * SAMPLE_RATE / clip.sample_rate))
 
 
-@pytest.mark.parametrize("name", list(REFUSED), ids=[n.replace(" ", "-") for n in REFUSED])
+def _params(cases: dict[str, Case]) -> list:
+    return [pytest.param(name, id=name.replace(" ", "-"), marks=case.marks) for name, case in cases.items()]
+
+
+@pytest.mark.parametrize("name", _params(REFUSED))
 def test_generate_refuses(name, demo_models, valid_inputs, portrait_path, tmp_path, capsys, monkeypatch):
     case = REFUSED[name]
     inputs, arguments = _setup(case, demo_models, valid_inputs, portrait_path, tmp_path)
@@ -532,7 +542,7 @@ def test_generate_refuses(name, demo_models, valid_inputs, portrait_path, tmp_pa
     assert_refused(status, err, case, inputs, arguments)
 
 
-@pytest.mark.parametrize("name", list(VALID), ids=[n.replace(" ", "-") for n in VALID])
+@pytest.mark.parametrize("name", _params(VALID))
 def test_generate_accepts(name, demo_models, valid_inputs, portrait_path, tmp_path, capsys, shared_model_load):
     case = VALID[name]
     inputs, arguments = _setup(case, demo_models, valid_inputs, portrait_path, tmp_path)
