@@ -7,7 +7,7 @@ playable mp4 with one frame per 40 ms of audio and nothing else beside it.
 
 The cases run the CLI's entry point in-process (:func:`keyface.cli.main`: same exit status, same stderr; an
 exception that is not a :class:`~keyface.errors.KeyFaceError` fails the test, as its traceback would reach the
-user) and share one model load, so the whole matrix takes about a minute of CPU. Two cases run as real
+user) and share one model load, so the whole matrix takes about 1.5 minutes of CPU time. Two cases run as real
 subprocesses to show that the process behaves as the in-process entry point. Inputs are made with numpy, PyAV
 and Pillow (no ffmpeg binary); audio is 0.4 s long (10 frames: one keyframe batch, one segment).
 """
@@ -39,6 +39,7 @@ SECONDS = 0.4  # 10 frames
 SAMPLE_RATE = 16_000
 PORTRAIT_SIDE = 96
 CHEAP = ("--steps", "10")  # the fewest steps the sampler accepts
+AAC_FRAME = 1024  # samples
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -175,13 +176,15 @@ class Inputs:
 @dataclass
 class Case:
     """``build`` returns the flags (flag -> value) replacing or adding to the valid arguments; ``names`` the texts
-    the error line (refused) or stderr (valid) must contain; ``early``: refused before any model is loaded."""
+    the error line (refused) or stderr (valid) must contain; ``early``: refused before any model is loaded;
+    ``seconds``: the length of the audio a valid case gives."""
 
     build: Callable[[Inputs], dict]
     names: Callable[[Inputs, dict], list[str]]
     early: bool = True
     needs_detector: bool = False
     marks: tuple = ()
+    seconds: float = SECONDS
 
 
 def file_of(flag: str) -> Callable[[Inputs, dict], list[str]]:
@@ -347,6 +350,7 @@ VALID: dict[str, Case] = {
             "--image": write_image(inputs.scratch / "grey.png", portrait().mean(2).astype(np.uint8)),
         },
         texts(),
+        seconds=0.1,
     ),
     "audio 8 ch 96 kHz + image 16-bit": Case(
         lambda inputs: {
@@ -357,7 +361,9 @@ VALID: dict[str, Case] = {
     ),
     "audio truncated data + image 32 px": Case(
         lambda inputs: {
-            "--audio": truncated(write_wav(inputs.scratch / "full.wav", speech(0.8)), inputs.scratch / "cut.wav", 0.5),
+            "--audio": truncated(  # the header says 0.8 s, the data holds the first 0.4 s
+                write_wav(inputs.scratch / "full.wav", speech(2 * SECONDS)), inputs.scratch / "cut.wav", 0.5
+            ),
             "--image": write_image(inputs.scratch / "tiny.png", portrait(32)),
         },
         texts("enlarged"),  # the one warning line says the crop is enlarged
@@ -447,7 +453,8 @@ def shared_model_load():
         yield
 
 
-def _detector_available() -> bool:
+def require_detector() -> None:
+    """Skip without the face detector (the optional ``face`` extra); fail in CI, which installs it."""
     from keyface.face import DETECTOR_INSTALL_HINT
 
     try:
@@ -457,7 +464,6 @@ def _detector_available() -> bool:
         if IN_CI:
             pytest.fail(f"the face detector must be installed in CI ({DETECTOR_INSTALL_HINT}; scripts/install.sh)")
         pytest.skip(f"face detector not installed ({DETECTOR_INSTALL_HINT})")
-    return True
 
 
 def _argv(arguments: dict) -> list[str]:
@@ -475,7 +481,7 @@ def _generate(arguments: dict, capsys) -> tuple[int, str]:
 
 def _setup(case: Case, demo_models: Path, valid_inputs, portrait_path: Path, tmp_path: Path) -> tuple[Inputs, dict]:
     if case.needs_detector:
-        _detector_available()
+        require_detector()
     (tmp_path / "out").mkdir()
     image_path, audio_path = valid_inputs
     inputs = Inputs(tmp_path, image_path, audio_path, demo_models, portrait_path)
@@ -504,15 +510,15 @@ def assert_refused(status: int, err: str, case: Case, inputs: Inputs, arguments:
     assert not (inputs.scratch / "pwned").exists(), "a pickled payload ran while the weights were loaded"
 
 
-def _decoded_frames(path: Path) -> tuple[int, float]:
-    """(video frames, audio seconds) of an mp4, decoding every frame."""
+def _decoded_frames(path: Path) -> tuple[int, float, int]:
+    """(video frames, audio seconds, audio sample rate) of an mp4, decoding every frame."""
     with av.open(str(path)) as container:
         frames = sum(1 for _ in container.decode(video=0))
     with av.open(str(path)) as container:
         samples, rate = 0, container.streams.audio[0].rate
         for frame in container.decode(audio=0):
             samples += frame.samples
-    return frames, samples / rate
+    return frames, samples / rate, rate
 
 
 def expected_frames(audio_path: Path) -> int:
@@ -551,13 +557,12 @@ def test_generate_accepts(name, demo_models, valid_inputs, portrait_path, tmp_pa
     assert status == EXIT_OK, err
     out = Path(arguments["--out"])
     assert _leftovers(out) == {out.name}  # no job folder, no temporary file
-    frames, audio_seconds = _decoded_frames(out)
+    frames, audio_seconds, rate = _decoded_frames(out)
     expected = expected_frames(Path(arguments["--audio"]))
-    nominal = 0.1 if "0.1 s" in name else (SECONDS if "truncated" not in name else None)
-    if nominal is not None:  # lossy codecs may add a few ms of padding, never a whole 40 ms frame more
-        assert abs(expected - math.ceil(nominal * VIDEO_FPS)) <= 1, expected
+    # the decoder's count of samples, within one frame of the length written (codecs pad a few ms)
+    assert abs(expected - math.ceil(case.seconds * VIDEO_FPS)) <= 1, expected
     assert frames == expected
-    assert abs(audio_seconds - frames / VIDEO_FPS) <= 1024 / 16_000  # audio as long as the video (±1 AAC frame)
+    assert abs(audio_seconds - frames / VIDEO_FPS) <= AAC_FRAME / rate  # the audio as long as the video
     for text in case.names(inputs, arguments):
         assert text in err, err
 
