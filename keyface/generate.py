@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 def read_emotion_argument(value: str) -> str:
     """``--emotion`` may name a JSON/text file holding the curve; otherwise it is the curve itself."""
     path = Path(value).expanduser()
-    if value.strip().startswith("{") or not path.suffix or not path.is_file():
+    if value.strip().startswith("{"):
+        return value
+    if path.suffix.lower() in (".json", ".txt") and not path.is_file():
+        raise InputError(f"--emotion file {path} not found; give an existing file, a name (happy) or a timed list")
+    if not path.suffix or not path.is_file():
         return value
     try:
         return path.read_text()

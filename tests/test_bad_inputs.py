@@ -176,8 +176,8 @@ class Inputs:
 @dataclass
 class Case:
     """``build`` returns the flags (flag -> value) replacing or adding to the valid arguments; ``names`` the texts
-    the error line (refused) or stderr (valid) must contain; ``early``: refused before any model is loaded;
-    ``seconds``: the length of the audio a valid case gives."""
+    the error line (refused) or stderr (valid) must contain and ``absent`` those it must not; ``early``: refused
+    before any model is loaded; ``seconds``: the length of the audio a valid case gives."""
 
     build: Callable[[Inputs], dict]
     names: Callable[[Inputs, dict], list[str]]
@@ -185,6 +185,7 @@ class Case:
     needs_detector: bool = False
     marks: tuple = ()
     seconds: float = SECONDS
+    absent: tuple[str, ...] = ()
 
 
 def file_of(flag: str) -> Callable[[Inputs, dict], list[str]]:
@@ -274,7 +275,11 @@ REFUSED: dict[str, Case] = {
         lambda inputs: {"--emotion": "neutral at x s, happy at"}, texts("--emotion", "NAME at SECONDS s")
     ),
     "emotion broken json": Case(lambda inputs: {"--emotion": '{"format": '}, texts("--emotion", "JSON")),
-    "emotion missing file": Case(lambda inputs: {"--emotion": str(inputs.scratch / "curve.json")}, texts("curve.json")),
+    "emotion missing file": Case(
+        lambda inputs: {"--emotion": str(inputs.scratch / "curve.json")},
+        texts("--emotion", "curve.json", "not found"),
+        absent=("unknown emotion",),
+    ),
     # -- output
     "output is a folder": Case(
         lambda inputs: {"--out": _folder(inputs.scratch / "out" / "clip.mp4")}, texts("clip.mp4", "is a folder")
@@ -302,6 +307,12 @@ REFUSED: dict[str, Case] = {
     "checkpoint text": Case(
         models(lambda i: {"keyframe.safetensors": text_file}), texts("keyframe.safetensors"), early=False
     ),
+    "checkpoint text named .pt": Case(  # damaged, not "holds objects": converting it would not help
+        models(lambda i: {"keyframe.safetensors": None, "keyframe.pt": text_file}),
+        texts("keyframe.pt", "not a checkpoint"),
+        early=False,
+        absent=("convert",),
+    ),
     "checkpoint malicious pickle": Case(
         models(lambda i: {"keyframe.safetensors": None, "keyframe.pt": _pickled_stage(i.scratch / "pwned")}),
         texts("keyframe.pt", "python -m keyface convert"),
@@ -314,7 +325,12 @@ REFUSED: dict[str, Case] = {
         early=False,
     ),
     "encoder missing": Case(models(lambda i: {"audio/WavLM-Base+.pt": None}), texts("WavLM-Base+.pt"), early=False),
-    "encoder text": Case(models(lambda i: {"audio/WavLM-Base+.pt": text_file}), texts("WavLM-Base+.pt"), early=False),
+    "encoder text": Case(
+        models(lambda i: {"audio/WavLM-Base+.pt": text_file}),
+        texts("WavLM-Base+.pt", "not a checkpoint"),
+        early=False,
+        absent=("convert",),
+    ),
     "encoder truncated": Case(
         models(lambda i: {"audio/WavLM-Base+.pt": lambda t: truncated(i.models / "audio/WavLM-Base+.pt", t, 0.5)}),
         texts("WavLM-Base+.pt"),
@@ -506,6 +522,8 @@ def assert_refused(status: int, err: str, case: Case, inputs: Inputs, arguments:
     assert len(lines) == 1 and "error: " in lines[0], err
     for text in case.names(inputs, arguments):
         assert text in lines[0], err
+    for text in case.absent:
+        assert text not in lines[0], err
     assert _leftovers(Path(arguments["--out"])) == set()
     assert not (inputs.scratch / "pwned").exists(), "a pickled payload ran while the weights were loaded"
 
