@@ -99,7 +99,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     torch_device = resolve_device(request.device)
     dtype = resolve_dtype(request.precision, torch_device)
     clip = load_audio(request.audio)
-    picture = load_identity_image(request.image, name=f"--image {request.image}")
+    picture = load_identity_image(request.image, name="--image")  # file messages add the path
     face = crop_face(
         picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index, name=f"--image {request.image}"
     )
