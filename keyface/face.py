@@ -478,7 +478,7 @@ def crop_face(
                 which = "the largest" if chosen == 0 else f"face {chosen} (0 = largest)"
                 notes.append(
                     f"{len(faces)} faces found in {label}; using {which} at "
-                    f"x={faces[chosen].x:.0f} y={faces[chosen].y:.0f} (choose another with face_index)"
+                    f"x={faces[chosen].x:.0f} y={faces[chosen].y:.0f} (choose another with face_index, on the command line --face-index)"
                 )
             box = face_box(faces[chosen], width, height, margin)
     if box[2] < size:

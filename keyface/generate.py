@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 def read_emotion_argument(value: str) -> str:
     """``--emotion`` may name a JSON/text file holding the curve; otherwise it is the curve itself."""
     path = Path(value).expanduser()
-    if value.strip().startswith("{") or not path.suffix or not path.is_file():
+    if value.strip().startswith("{"):
+        return value
+    if path.suffix.lower() in (".json", ".txt") and not path.is_file():
+        raise InputError(f"--emotion file {path} not found; give an existing file, a name (happy) or a timed list")
+    if not path.suffix or not path.is_file():
         return value
     try:
         return path.read_text()
@@ -94,8 +98,10 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     torch_device = resolve_device(request.device)
     dtype = resolve_dtype(request.precision, torch_device)
     clip = load_audio(request.audio)
-    picture = load_identity_image(request.image, name=f"--image {request.image}")
-    face = crop_face(picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index)
+    picture = load_identity_image(request.image, name="--image")  # file messages add the path
+    face = crop_face(
+        picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index, name=f"--image {request.image}"
+    )
     out = Path(request.out).expanduser()
     audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
     writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
@@ -132,6 +138,8 @@ CLI_FLAGS = {
     "schedule": "--schedule",
     "segments_per_call": "--segments-per-call",
 }
+# ... and the GenerationRequest fields whose checks name them.
+REQUEST_FLAGS = {"emotion": "--emotion", "face_index": "--face-index", "crf": "--crf"}
 
 
 def settings_from_arguments(args) -> GenerationSettings:
@@ -162,7 +170,10 @@ def generate_from_files(args) -> Path:
         job_dir=args.job_dir,
         keep_job=args.keep_job,
     )
-    with terminal_progress_bar() as on_event:
-        out = generate_video(request, progress=on_event)
+    try:
+        with terminal_progress_bar() as on_event:
+            out = generate_video(request, progress=on_event)
+    except InputError as error:
+        raise error.naming({**CLI_FLAGS, **REQUEST_FLAGS}) from None
     print(f"wrote {out}")
     return out

@@ -466,7 +466,11 @@ class Mp4Writer(FrameSink):
         if stop <= self._audio_samples_written:
             return
         samples = self.audio.segment(self._audio_samples_written, stop)
-        audio_frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=CHANNEL_LAYOUTS[self.audio.channels])
+        # Plane by plane: PyAV 18 counts 9 planes in an 8-channel frame, so AudioFrame.from_ndarray fails on 7.1.
+        layout = CHANNEL_LAYOUTS[self.audio.channels]
+        audio_frame = av.AudioFrame(format="fltp", layout=layout, samples=samples.shape[1])
+        for plane, channel in zip(audio_frame.planes, samples):
+            plane.update(channel)
         audio_frame.sample_rate = self.audio.sample_rate
         audio_frame.pts = self._audio_samples_written
         self._mux(self._audio_stream.encode(audio_frame))

@@ -287,5 +287,8 @@ def upscale_image(upscale_model, image):
     called directly on (batch, 3, height, width) and the result clamped to [0, 1]."""
     upscale_nodes = _comfy("comfy_extras.nodes_upscale_model")
     if upscale_nodes is not None:
-        return upscale_nodes.ImageUpscaleWithModel.execute(upscale_model=upscale_model, image=image)[0]
+        node = upscale_nodes.ImageUpscaleWithModel
+        # ComfyUI 0.3.65+: a V3 node, classmethod execute -> io.NodeOutput; 0.3.64: a classic node, upscale -> tuple
+        run = node.execute if hasattr(node, "execute") else node().upscale
+        return run(upscale_model=upscale_model, image=image)[0]
     return upscale_model(image.movedim(-1, -3)).movedim(-3, -1).clamp(0.0, 1.0)

@@ -141,7 +141,8 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
     try:
         container = av.open(name)
     except (av.FFmpegError, OSError, ValueError) as error:
-        raise InputError(f"{name}: not a readable audio or video file ({error})") from error
+        reason = getattr(error, "strerror", None) or error  # FFmpeg's text without its errno and the path again
+        raise InputError(f"{name}: not a readable audio or video file ({reason})") from error
     with container:
         if not container.streams.audio:
             raise InputError(f"{name}: the file has no audio track")

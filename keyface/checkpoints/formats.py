@@ -82,6 +82,11 @@ def _named(path: Path, what: str | None) -> str:
     return f"{what}: {path}" if what else str(path)
 
 
+def _starts_as_pickle(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(1) == pickle.PROTO  # torch's legacy (non-zip) format: a pickle of protocol 2
+
+
 def torch_load(
     path: Path, *, allow_pickle: bool = False, what: str | None = None, source: str = KEYFACE_WEIGHTS_SOURCE
 ) -> Any:
@@ -95,7 +100,9 @@ def torch_load(
     mmap = zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not mmap and not _starts_as_pickle(path):  # neither torch's zip nor a pickle: text, garbage
+            raise _damaged(path, "PyTorch checkpoint", exc, what, source) from None
         if not allow_pickle:
             raise CheckpointError(
                 f"{_named(path, what)} holds objects the safe loader refuses (torch.load with weights_only=True); "
