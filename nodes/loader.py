@@ -21,7 +21,7 @@ from keyface.errors import InputError, MissingWeightsError
 
 from . import host
 from .common import CATEGORY, check_widgets
-from .handles import MODEL, ModelBundle
+from .handles import MODEL, ModelBundle, managed_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ DEFAULT_VAE = "vae"
 AUDIO_ROLES = ("wavlm", "beats", "wav2vec2")
 # Loaded models kept across executions (one set: the networks are large), keyed by file identities + dtype.
 _loaded: dict[tuple, object] = {}
+# The last bundle handed out (reused while models, devices and audio encoders stay the same).
+_bundle: list[tuple[ModelBundle, dict]] = []
 
 
 # ------------------------------------------------------------------------------------------------ file lists
@@ -231,9 +233,6 @@ class KeyFaceModelLoader:
         }
 
     def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"):
-        from keyface.audio.features import AudioFeatureExtractor
-        from keyface.loading import resolve_dtype
-
         check_widgets(type(self), {"device": device, "precision": precision})
         names = {
             "keyframe": keyframe,
@@ -260,13 +259,31 @@ class KeyFaceModelLoader:
             for role, name in (("wavlm", wavlm), ("beats", beats), ("wav2vec2", wav2vec2))
         }
         torch_device = host.torch_device(device)
-        dtype = resolve_dtype(precision, torch_device)
+        dtype = host.network_dtype(precision, torch_device)  # resolved: the cache key never holds "auto"
         resting = host.offload_device(torch_device)
         models = _load_networks(paths, audio["wavlm"].parent, resting, dtype)
-        extractor = AudioFeatureExtractor(**audio, device=torch_device)
-        bundle = ModelBundle(models, extractor, torch_device, resting, dtype)
-        bundle.move_to(resting)  # cached models may wait on another device
-        return (bundle,)
+        return (_bundle_for(models, audio, torch_device, resting, dtype),)
+
+
+def _bundle_for(models, audio: dict, device, resting, dtype) -> ModelBundle:
+    """The bundle of ``models`` on these devices with these audio encoders: the previous one when nothing
+    changed (ComfyUI then still knows its ModelPatchers as loaded), else a new one, the previous released."""
+    previous, previous_audio = _bundle[0] if _bundle else (None, None)
+    same = previous is not None and previous.models is models and previous_audio == audio
+    if same and (previous.device, previous.offload_device, previous.dtype) == (device, resting, dtype):
+        return previous
+    if previous is not None:
+        previous.release()
+    if host.manages_models():
+        extractor = managed_feature_extractor(audio, device, resting)
+    else:
+        from keyface.audio.features import AudioFeatureExtractor
+
+        extractor = AudioFeatureExtractor(**audio, device=device)
+    bundle = ModelBundle(models, extractor, device, resting, dtype)
+    bundle.move_to(resting)  # cached models may wait on another device
+    _bundle[:] = [(bundle, audio)]
+    return bundle
 
 
 def _load_networks(paths: dict, audio_folder: Path, device, dtype):
