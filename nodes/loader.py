@@ -34,7 +34,7 @@ AUDIO_ROLES = ("wavlm", "beats", "wav2vec2")
 # Loaded models kept across executions (one set: the networks are large), keyed by file identities + dtype.
 _loaded: dict[tuple, object] = {}
 # The last bundle handed out (reused while models, devices and audio encoders stay the same).
-_bundle: list[tuple[ModelBundle, dict]] = []
+_bundle: list[tuple[ModelBundle, tuple]] = []
 
 
 # ------------------------------------------------------------------------------------------------ file lists
@@ -268,8 +268,9 @@ class KeyFaceModelLoader:
 def _bundle_for(models, audio: dict, device, resting, dtype) -> ModelBundle:
     """The bundle of ``models`` on these devices with these audio encoders: the previous one when nothing
     changed (ComfyUI then still knows its ModelPatchers as loaded), else a new one, the previous released."""
-    previous, previous_audio = _bundle[0] if _bundle else (None, None)
-    same = previous is not None and previous.models is models and previous_audio == audio
+    sources = (audio, host.manages_models())
+    previous, previous_sources = _bundle[0] if _bundle else (None, None)
+    same = previous is not None and previous.models is models and previous_sources == sources
     if same and (previous.device, previous.offload_device, previous.dtype) == (device, resting, dtype):
         return previous
     if previous is not None:
@@ -282,7 +283,7 @@ def _bundle_for(models, audio: dict, device, resting, dtype) -> ModelBundle:
         extractor = AudioFeatureExtractor(**audio, device=device)
     bundle = ModelBundle(models, extractor, device, resting, dtype)
     bundle.move_to(resting)  # cached models may wait on another device
-    _bundle[:] = [(bundle, audio)]
+    _bundle[:] = [(bundle, sources)]
     return bundle
 
 
