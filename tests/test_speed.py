@@ -88,3 +88,24 @@ def test_no_options_leave_the_models_as_loaded(demo_models, options):
     before = {name: p.data_ptr() for name, p in models.keyframe.named_parameters()}
     apply_speed_options(models, **options)
     assert {name: p.data_ptr() for name, p in models.keyframe.named_parameters()} == before
+
+
+def test_every_attention_uses_pytorch_sdpa(demo_models):
+    """No materialised attention matrix: diffusers' SDPA processor in every UNet attention (spatial, temporal,
+    audio cross-attention) and the VAE mid-block; wav2vec2 with transformers' "sdpa" implementation; WavLM and
+    BEATs through keyface.audio.attention.blockwise_attention (SDPA per query block)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from keyface.audio import beats as beats_module
+    from keyface.audio.attention import BlockwiseWavLMAttention
+    from keyface.audio.features import AudioFeatureExtractor
+
+    models = load_models(find_model_files(demo_models))
+    for name, part in models.parts().items():
+        processors = [type(m.processor) for m in part.modules() if isinstance(m, Attention)]
+        assert processors and set(processors) == {AttnProcessor2_0}, name
+    extractor = AudioFeatureExtractor.from_folder(demo_models / "audio", cache=None)
+    wavlm, beats, wav2vec2 = (extractor.encoder(role).module for role in ("wavlm", "beats", "wav2vec2"))
+    assert all(isinstance(layer.attention, BlockwiseWavLMAttention) for layer in wavlm.encoder.layers)
+    assert any(isinstance(m, beats_module._Attention) for m in beats.modules())  # its only attention: blockwise
+    assert wav2vec2.config._attn_implementation == "sdpa"
