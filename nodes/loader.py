@@ -225,8 +225,9 @@ class KeyFaceModelLoader:
                     list(PRECISIONS),
                     {
                         "default": "auto",
-                        "tooltip": "Network precision. auto: bf16 on GPUs "
-                        "that support it, else fp16; fp32 on the CPU. The VAE always runs in fp32.",
+                        "tooltip": "Network precision. auto: what ComfyUI chooses for the device and its "
+                        "flags (--force-fp16, --bf16-unet, --fp32-unet, ...): bf16 on GPUs that support it, else "
+                        "fp16; fp32 on the CPU. The VAE always runs in fp32.",
                     },
                 ),
             }
