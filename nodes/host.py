@@ -245,8 +245,11 @@ def torch_device(choice: str):
     from keyface.loading import resolve_device
 
     management = _comfy("comfy.model_management")
-    if choice == "auto" and management is not None:
-        return management.get_torch_device()
+    if management is not None:
+        comfy_device = management.get_torch_device()
+        # ComfyUI's own device object (e.g. cuda:0), so that its memory bookkeeping sees one device, not two
+        if choice == "auto" or choice == comfy_device.type:
+            return comfy_device
     return resolve_device(choice)
 
 
@@ -280,14 +283,11 @@ def _part_holder():
     return ManagedPart
 
 
-def module_bytes(module) -> int:
-    """Bytes of ``module``'s parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 def model_patcher(module, device, offload_device):
     """A ``comfy.model_patcher.ModelPatcher`` through which ComfyUI moves ``module`` between ``device`` (its
     load device) and ``offload_device``; its size is the bytes of the module's parameters and buffers."""
+    from keyface.models.bundle import module_bytes
+
     patcher = _comfy("comfy.model_patcher")
     return patcher.ModelPatcher(
         _part_holder()(module), load_device=device, offload_device=offload_device, size=module_bytes(module)

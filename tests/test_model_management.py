@@ -11,12 +11,15 @@ free_memory; devices are the CPU, so the graph really runs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
 import pytest
 import torch
 from test_nodes import PACK_NAME, host, run, write_speech
+
+from keyface.models.bundle import module_bytes
 
 loader = sys.modules[f"{PACK_NAME}.nodes.loader"]
 AUDIO_PARTS = frozenset({"wavlm", "beats", "wav2vec2"})
@@ -130,7 +133,7 @@ def part_names(bundle, patchers) -> frozenset[str]:
 
 def test_each_node_step_asks_comfyui_for_exactly_its_parts(comfy, tmp_path):
     (probe,) = run("KeyFaceModelLoader")  # sizes of the parts, for a budget that fits one step only
-    step_bytes = [host.module_bytes(probe.models.keyframe), host.module_bytes(probe.models.interpolation) * 2]
+    step_bytes = [module_bytes(probe.models.keyframe), module_bytes(probe.models.interpolation) * 2]
     management = FakeModelManagement(budget=int(max(step_bytes) * 1.3))
     install_fake_comfy(comfy, management)
     loader._bundle.clear()
@@ -164,7 +167,7 @@ def test_each_node_step_asks_comfyui_for_exactly_its_parts(comfy, tmp_path):
     assert len(management.current_loaded_models) < len(bundle.patchers) + len(bundle.extractor.patchers)
     for name, patcher in bundle.patchers.items():
         module = getattr(bundle.models, name)
-        assert patcher.model.part is module and patcher.size == host.module_bytes(module)
+        assert patcher.model.part is module and patcher.size == module_bytes(module)
         assert (patcher.load_device, patcher.offload_device) == (bundle.device, bundle.offload_device)
 
 
@@ -200,3 +203,27 @@ def test_changing_the_device_releases_the_previous_parts(comfy, tmp_path):
     assert again is first  # nothing changed: ComfyUI still knows these ModelPatchers as loaded
     (other,) = run("KeyFaceModelLoader", precision="fp16")
     assert other is not first and management.current_loaded_models == [] and first.patchers == {}
+
+
+def test_the_cuda_choice_inside_comfyui_is_comfyuis_own_device_object(comfy):
+    management = FakeModelManagement()
+    management.get_torch_device = lambda: torch.device("cpu", 0)  # stands for ComfyUI's cuda:0
+    install_fake_comfy(comfy, management)
+    assert host.torch_device("auto") == torch.device("cpu", 0)
+    assert host.torch_device("cpu") == torch.device("cpu", 0)  # the same device type: ComfyUI's object
+
+
+def test_auto_precision_outside_comfyui_wants_native_bf16(monkeypatch):
+    """On a CUDA device auto is bf16 only where the GPU has it natively, never emulated (far slower than fp16)."""
+    from keyface.loading import resolve_dtype
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an older GPU: bf16 only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.float16 and asked == [False]
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

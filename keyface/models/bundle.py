@@ -45,6 +45,11 @@ STEP_PARTS = {
 OFFLOAD_MODES = ("none", "stage", "sequential")
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 @dataclass
 class KeyFaceModels:
     """Everything the pipeline runs: both stages, the autoguidance network and the VAE parts.
@@ -78,11 +83,7 @@ class KeyFaceModels:
 
     def size_bytes(self, names=MODEL_PARTS) -> int:
         """Bytes of the parameters and buffers of the parts ``names``."""
-        return sum(
-            t.numel() * t.element_size()
-            for module in self.parts(names).values()
-            for t in (*module.parameters(), *module.buffers())
-        )
+        return sum(module_bytes(module) for module in self.parts(names).values())
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
