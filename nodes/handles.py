@@ -71,7 +71,8 @@ class ModelBundle:
             module.to(device)
 
     def release(self) -> None:
-        """Hand every part back: ComfyUI unloads them (and the audio encoders) now; nothing else to do outside."""
+        """Hand every part back: inside ComfyUI its model management unloads them now; the audio encoders are
+        dropped (loaded again when needed)."""
         host.release_models(self.patchers.values())
         self.patchers.clear()
         self.extractor.unload()
