@@ -105,13 +105,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Network precision: ``"auto"`` -> bf16 on CUDA GPUs that support it, fp16 on other GPUs, fp32 on CPU.
+    """Network precision: ``"auto"`` -> bf16 on CUDA GPUs with native bf16 (Ampere and later), fp16 on other
+    GPUs, fp32 on CPU (emulated bf16 on older GPUs is far slower than fp16).
 
     The sampler arithmetic and the VAE always run in fp32 whatever this says.
     """
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.cuda.device(device):
+                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native_bf16 else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
     if precision not in _DTYPES:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -16,8 +16,9 @@ ComfyUI keeps node outputs between runs, so these objects must stay valid: every
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import host
@@ -44,10 +45,11 @@ VIDEO = "KEYFACE_VIDEO"
 class ModelBundle:
     """The loaded KeyFace models and where they run.
 
-    The networks wait on ``offload_device`` (ComfyUI's: the CPU unless --highvram). Inside :meth:`on_device`
-    each pipeline step brings only the parts it uses to ``device`` (offload mode ``stage``, see
-    :mod:`keyface.models.bundle`), after asking ComfyUI to free that much memory; with both devices equal
-    nothing moves.
+    Inside ComfyUI (:func:`host.manages_models`) each part is handed to ComfyUI's model management as a
+    ModelPatcher (:attr:`patchers`, made on first use): inside :meth:`on_device` every pipeline step asks it to
+    load the parts that step uses; the rest stay where ComfyUI left them (offloaded when it needed the room).
+    Outside ComfyUI the networks wait on ``offload_device`` and each step brings only its own parts to
+    ``device`` (offload mode ``stage``, see :mod:`keyface.models.bundle`); with both devices equal nothing moves.
     """
 
     models: KeyFaceModels
@@ -55,6 +57,7 @@ class ModelBundle:
     device: torch.device
     offload_device: torch.device
     dtype: torch.dtype
+    patchers: dict[str, object] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:  # short: ComfyUI puts str() of every node input into its error reports
         return f"ModelBundle({self.models!r}, device {self.device}, offload device {self.offload_device})"
@@ -70,26 +73,87 @@ class ModelBundle:
         for module in self.modules():
             module.to(device)
 
-    def _load_part(self, name: str, module: torch.nn.Module) -> None:
-        host.free_memory(self.models.size_bytes((name,)), self.device)
-        module.to(self.device)
+    def release(self) -> None:
+        """Hand every part back: inside ComfyUI its model management unloads them now; the audio encoders are
+        dropped (loaded again when needed)."""
+        host.release_models(self.patchers.values())
+        self.patchers.clear()
+        self.extractor.unload()
+
+    def _load_step(self, parts: dict[str, torch.nn.Module]) -> None:
+        for name, module in parts.items():
+            if name not in self.patchers:
+                self.patchers[name] = host.model_patcher(module, self.device, self.offload_device)
+        host.load_models(self.patchers[name] for name in parts)
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[KeyFaceModels]:
-        """The models, each step's parts moved to ``device`` while it runs (ComfyUI's own models are unloaded
-        first when memory is short); all back on the offload device afterwards."""
+        """The models, each step's parts on ``device`` while it runs (see the class docstring); outside
+        ComfyUI all back on the offload device afterwards."""
         from keyface.models.bundle import Residency
 
+        if host.manages_models():
+            # ComfyUI offloads our other parts when (and only when) it needs their memory
+            self.models.residency = Residency(
+                self.device, self.offload_device, "stage", load=self._load_step, unload=lambda parts: None
+            )
+            try:
+                yield self.models
+            finally:
+                self.models.residency = None
+            return
         if not self.offloads:
             yield self.models
             return
-        self.models.residency = Residency(self.device, self.offload_device, "stage", load=self._load_part)
+        self.models.residency = Residency(self.device, self.offload_device, "stage")
         try:
             yield self.models
         finally:
             self.models.residency = None
             self.move_to(self.offload_device)
             host.empty_cache()
+
+
+def managed_feature_extractor(audio: dict, device: torch.device, offload_device: torch.device):
+    """An audio feature extractor whose encoders (``audio``: role -> weights path) ComfyUI places: loaded onto
+    ``offload_device``, all three handed to its model management before they encode (none on a cache hit)."""
+    return _managed_extractor_class()(**audio, device=offload_device, load_device=device)
+
+
+@functools.cache
+def _managed_extractor_class():
+    from keyface.audio.features import AudioFeatureExtractor
+
+    class ManagedFeatureExtractor(AudioFeatureExtractor):
+        """:class:`AudioFeatureExtractor` whose encoders are ComfyUI ModelPatchers (see
+        :func:`managed_feature_extractor`)."""
+
+        def __init__(self, *args, load_device: torch.device, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.load_device = load_device
+            self.patchers: dict[str, object] = {}
+            self._placed = False
+
+        def extract(self, *args, **kwargs):
+            self._placed = False  # ComfyUI may have offloaded the encoders since the last clip
+            return super().extract(*args, **kwargs)
+
+        def encoder(self, role: str):
+            if not self._placed:
+                self._placed = True
+                for name in ("wavlm", "beats", "wav2vec2"):
+                    if name not in self.patchers:
+                        module = super().encoder(name).module
+                        self.patchers[name] = host.model_patcher(module, self.load_device, self.device)
+                host.load_models(self.patchers.values())
+            return super().encoder(role)
+
+        def unload(self) -> None:
+            host.release_models(self.patchers.values())
+            self.patchers.clear()
+            super().unload()
+
+    return ManagedFeatureExtractor
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,14 @@ scripts) they fall back to plain behaviour: folders from :func:`configure` or th
 ``KEYFACE_MODELS_DIR`` / ``KEYFACE_INPUT_DIR`` / ``KEYFACE_OUTPUT_DIR`` (default ``models/keyface``, ``input`` and
 ``output`` under the working folder), a silent progress bar, no Cancel, no offloading.
 
+Model management: inside ComfyUI every KeyFace part (each network, the VAE pieces, each audio encoder) is a
+``comfy.model_patcher.ModelPatcher`` (:func:`model_patcher`) and each pipeline step asks
+``model_management.load_models_gpu`` for the parts it uses (:func:`load_models`), so ComfyUI frees its own
+models for them, offloads ours when it needs the room and honours ``--lowvram`` / ``--novram`` / "free memory".
+The parts are plain torch modules, not built from ``comfy.ops`` layers, so they cannot be streamed layer by
+layer: each is loaded whole (``force_full_load``), one step's parts at a time when memory is short. With
+``--novram`` ComfyUI loads none of their weights and they run where they wait, on the CPU.
+
 Model folders registered with ComfyUI (so ``extra_model_paths.yaml`` entries work too)::
 
     keyface:        models/keyface/         stage checkpoints, vae/ (SVD VAE, diffusers layout)
@@ -251,8 +259,11 @@ def torch_device(choice: str):
     from keyface.loading import resolve_device
 
     management = _comfy("comfy.model_management")
-    if choice == "auto" and management is not None:
-        return management.get_torch_device()
+    if management is not None:
+        comfy_device = management.get_torch_device()
+        # ComfyUI's own device object (e.g. cuda:0), so that its memory bookkeeping sees one device, not two
+        if choice == "auto" or choice == comfy_device.type:
+            return comfy_device
     return resolve_device(choice)
 
 
@@ -263,6 +274,84 @@ def offload_device(device):
     if management is None or device.type == "cpu":
         return device
     return management.unet_offload_device()
+
+
+def manages_models() -> bool:
+    """True inside ComfyUI: KeyFace's parts are placed by ``comfy.model_management``."""
+    return _comfy("comfy.model_management") is not None and _comfy("comfy.model_patcher") is not None
+
+
+@functools.cache
+def _part_holder():
+    import torch
+
+    class ManagedPart(torch.nn.Module):
+        """What a ModelPatcher manages: one KeyFace part as ``part``. ComfyUI keeps its bookkeeping attributes
+        (``device``, loaded memory, ...) on this holder, not on the part (transformers models have a read-only
+        ``device``)."""
+
+        def __init__(self, part: torch.nn.Module):
+            super().__init__()
+            self.part = part
+
+    return ManagedPart
+
+
+def model_patcher(module, device, offload_device):
+    """A ``comfy.model_patcher.ModelPatcher`` through which ComfyUI moves ``module`` between ``device`` (its
+    load device) and ``offload_device``; its size is the bytes of the module's parameters and buffers."""
+    from keyface.models.bundle import module_bytes
+
+    patcher = _comfy("comfy.model_patcher")
+    return patcher.ModelPatcher(
+        _part_holder()(module), load_device=device, offload_device=offload_device, size=module_bytes(module)
+    )
+
+
+def load_models(patchers) -> None:
+    """Have ComfyUI put the modules of ``patchers`` (ModelPatchers) on their load device, whole, freeing other
+    models first where memory is short; already loaded ones stay."""
+    _comfy("comfy.model_management").load_models_gpu(list(patchers), force_full_load=True)
+
+
+def release_models(patchers) -> None:
+    """Unload ``patchers`` now (their modules go to their offload device) and drop them from ComfyUI's list of
+    loaded models. ComfyUI has no public call for one model; this is what its free_memory does per model."""
+    management = _comfy("comfy.model_management")
+    patchers = list(patchers)
+    if management is None or not patchers:
+        return
+    for loaded in list(management.current_loaded_models):
+        if any(loaded.model is patcher for patcher in patchers):
+            loaded.model_unload()
+            management.current_loaded_models.remove(loaded)
+
+
+def network_dtype(precision: str, device):
+    """The networks' dtype for the ``precision`` widget on ``device``. ``auto`` inside ComfyUI follows its
+    flags and the device (``model_management.unet_dtype``: --fp32-unet, --bf16-unet, --fp16-unet,
+    --force-fp32, --force-fp16 and what the GPU supports); outside it :func:`keyface.loading.resolve_dtype`."""
+    import logging
+
+    import torch
+
+    from keyface.loading import resolve_dtype
+
+    management = _comfy("comfy.model_management")
+    if precision != "auto" or management is None:
+        return resolve_dtype(precision, device)
+    supported = [torch.bfloat16, torch.float16, torch.float32]  # what KeyFace runs, in the order auto prefers
+    cli_args = _comfy("comfy.cli_args")
+    if cli_args is not None and getattr(cli_args.args, "force_fp16", False):
+        supported.insert(0, supported.pop(1))  # unet_dtype tries them in order; --force-fp16 means fp16 first
+    dtype = management.unet_dtype(device=device, supported_dtypes=supported)
+    if dtype not in supported:  # fp8 / fp64 flags: KeyFace's networks have no such mode
+        fallback = resolve_dtype("auto", device)
+        logging.getLogger(__name__).warning(
+            "KeyFace: ComfyUI asks for %s networks, which KeyFace cannot run; using %s", dtype, fallback
+        )
+        return fallback
+    return dtype
 
 
 def free_memory(required_bytes: int, device) -> None:

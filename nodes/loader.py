@@ -21,7 +21,7 @@ from keyface.errors import InputError, MissingWeightsError
 
 from . import host
 from .common import CATEGORY, check_widgets
-from .handles import MODEL, ModelBundle
+from .handles import MODEL, ModelBundle, managed_feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ DEFAULT_VAE = "vae"
 AUDIO_ROLES = ("wavlm", "beats", "wav2vec2")
 # Loaded models kept across executions (one set: the networks are large), keyed by file identities + dtype.
 _loaded: dict[tuple, object] = {}
+# The last bundle handed out (reused while models, devices and audio encoders stay the same).
+_bundle: list[tuple[ModelBundle, tuple]] = []
 
 
 # ------------------------------------------------------------------------------------------------ file lists
@@ -223,17 +225,15 @@ class KeyFaceModelLoader:
                     list(PRECISIONS),
                     {
                         "default": "auto",
-                        "tooltip": "Network precision. auto: bf16 on GPUs "
-                        "that support it, else fp16; fp32 on the CPU. The VAE always runs in fp32.",
+                        "tooltip": "Network precision. auto: what ComfyUI chooses for the device and its "
+                        "flags (--force-fp16, --bf16-unet, --fp32-unet, ...): bf16 on GPUs that support it, else "
+                        "fp16; fp32 on the CPU. The VAE always runs in fp32.",
                     },
                 ),
             }
         }
 
     def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"):
-        from keyface.audio.features import AudioFeatureExtractor
-        from keyface.loading import resolve_dtype
-
         check_widgets(type(self), {"device": device, "precision": precision})
         names = {
             "keyframe": keyframe,
@@ -260,13 +260,32 @@ class KeyFaceModelLoader:
             for role, name in (("wavlm", wavlm), ("beats", beats), ("wav2vec2", wav2vec2))
         }
         torch_device = host.torch_device(device)
-        dtype = resolve_dtype(precision, torch_device)
+        dtype = host.network_dtype(precision, torch_device)  # resolved: the cache key never holds "auto"
         resting = host.offload_device(torch_device)
         models = _load_networks(paths, audio["wavlm"].parent, resting, dtype)
-        extractor = AudioFeatureExtractor(**audio, device=torch_device)
-        bundle = ModelBundle(models, extractor, torch_device, resting, dtype)
-        bundle.move_to(resting)  # cached models may wait on another device
-        return (bundle,)
+        return (_bundle_for(models, audio, torch_device, resting, dtype),)
+
+
+def _bundle_for(models, audio: dict, device, resting, dtype) -> ModelBundle:
+    """The bundle of ``models`` on these devices with these audio encoders: the previous one when nothing
+    changed (ComfyUI then still knows its ModelPatchers as loaded), else a new one, the previous released."""
+    sources = (audio, host.manages_models())
+    previous, previous_sources = _bundle[0] if _bundle else (None, None)
+    same = previous is not None and previous.models is models and previous_sources == sources
+    if same and (previous.device, previous.offload_device, previous.dtype) == (device, resting, dtype):
+        return previous
+    if previous is not None:
+        previous.release()
+    if host.manages_models():
+        extractor = managed_feature_extractor(audio, device, resting)
+    else:
+        from keyface.audio.features import AudioFeatureExtractor
+
+        extractor = AudioFeatureExtractor(**audio, device=device)
+    bundle = ModelBundle(models, extractor, device, resting, dtype)
+    bundle.move_to(resting)  # cached models may wait on another device
+    _bundle[:] = [(bundle, sources)]
+    return bundle
 
 
 def _load_networks(paths: dict, audio_folder: Path, device, dtype):

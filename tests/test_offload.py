@@ -24,15 +24,17 @@ class RecordingResidency(Residency):
     """A Residency whose moves are recorded; ``during`` maps each step to the parts resident inside it."""
 
     def __init__(self, mode: str):
-        super().__init__(torch.device("cuda"), torch.device("cpu"), mode, load=self._load, unload=self._unload)
+        super().__init__(
+            torch.device("cuda"), torch.device("cpu"), mode, load=self._load_hook, unload=self._unload_hook
+        )
         self.moves: list[tuple[str, str]] = []
         self.during: dict[str, set[frozenset[str]]] = {}
 
-    def _load(self, name, module):
-        self.moves.append(("load", name))
+    def _load_hook(self, parts):
+        self.moves += [("load", name) for name in parts if name not in self.resident]
 
-    def _unload(self, name, module):
-        self.moves.append(("unload", name))
+    def _unload_hook(self, parts):
+        self.moves += [("unload", name) for name in parts]
 
     def step(self, models, names):
         context = super().step(models, names)
@@ -84,6 +86,12 @@ def test_each_step_holds_only_its_own_parts(loaded, tmp_path, mode):
     # stage: the last step's parts (the decoder) stay until another step needs the room; sequential: nothing stays
     expected = set(models.parts(STEP_PARTS["decode"])) if mode == "stage" else set()
     assert residency.resident == expected
+    # every load is matched by an unload, except what is still resident; nothing moves twice in a row
+    loads, unloads = ([name for kind, name in residency.moves if kind == wanted] for wanted in ("load", "unload"))
+    assert sorted(loads) == sorted(unloads + sorted(expected))
+    for name in models.parts():
+        kinds = [kind for kind, moved in residency.moves if moved == name]
+        assert all(a != b for a, b in zip(kinds, kinds[1:], strict=False)), (name, kinds)
 
 
 def test_offload_modes_give_identical_frames(loaded, tmp_path):

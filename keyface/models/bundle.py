@@ -20,7 +20,7 @@ Offload modes (:data:`OFFLOAD_MODES`), given a compute ``device`` and a resting 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,11 @@ STEP_PARTS = {
     "preview": ("keyframe_decoder",),
 }
 OFFLOAD_MODES = ("none", "stage", "sequential")
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 @dataclass
@@ -84,11 +89,7 @@ class KeyFaceModels:
 
     def size_bytes(self, names=MODEL_PARTS) -> int:
         """Bytes of the parameters and buffers of the parts ``names``."""
-        return sum(
-            t.numel() * t.element_size()
-            for module in self.parts(names).values()
-            for t in (*module.parameters(), *module.buffers())
-        )
+        return sum(module_bytes(module) for module in self.parts(names).values())
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -115,44 +116,58 @@ class KeyFaceModels:
 class Residency:
     """Where the parts live between and during steps (the offload ``mode``, see the module docstring).
 
-    ``load`` / ``unload`` move a part; the defaults call ``module.to``. A host (ComfyUI) passes its own, e.g.
-    to let its model management free other models first. ``resident`` names the parts on ``device`` now.
+    By default parts move with ``module.to``. A host passes its own ``load`` / ``unload`` hooks instead
+    (ComfyUI: its model management, which frees other models first and may offload ours when it needs the
+    room): ``load(parts)`` is called before every step with all the parts the step uses, ``{name: module}``,
+    resident or not (the host knows whether it moved them since); ``unload(parts)`` with the parts to leave
+    the device. ``resident`` names the parts on ``device`` as far as this residency moved them.
     """
 
     device: torch.device
     offload_device: torch.device
     mode: str = "stage"
-    load: object = None
-    unload: object = None
+    load: Callable[[dict[str, torch.nn.Module]], None] | None = None
+    unload: Callable[[dict[str, torch.nn.Module]], None] | None = None
     resident: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         if self.mode not in OFFLOAD_MODES:
             raise InputError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.mode!r}")
 
-    def _move(self, name: str, module: torch.nn.Module, to_device: bool) -> None:
-        hook = self.load if to_device else self.unload
-        if hook is not None:
-            hook(name, module)
+    @property
+    def active(self) -> bool:
+        """False when nothing ever moves (mode ``none``, or one device and no host hooks)."""
+        return self.mode != "none" and (self.device != self.offload_device or self.load is not None)
+
+    def _load(self, parts: dict[str, torch.nn.Module]) -> None:
+        if self.load is not None:
+            self.load(parts)
         else:
-            module.to(self.device if to_device else self.offload_device)
-        (self.resident.add if to_device else self.resident.discard)(name)
+            for name, module in parts.items():
+                if name not in self.resident:
+                    module.to(self.device)
+        self.resident.update(parts)
+
+    def _unload(self, parts: dict[str, torch.nn.Module]) -> None:
+        if not parts:
+            return
+        if self.unload is not None:
+            self.unload(parts)
+        else:
+            for module in parts.values():
+                module.to(self.offload_device)
+        self.resident.difference_update(parts)
 
     @contextlib.contextmanager
     def step(self, models: KeyFaceModels, names: tuple[str, ...]) -> Iterator[None]:
-        if self.mode == "none" or self.device == self.offload_device:
+        if not self.active:
             yield
             return
         wanted = models.parts(names)
-        for name, module in models.parts().items():
-            if name in self.resident and name not in wanted:
-                self._move(name, module, False)
-        for name, module in wanted.items():
-            if name not in self.resident:
-                self._move(name, module, True)
+        self._unload({name: module for name, module in models.parts().items() if name in self.resident - set(wanted)})
+        self._load(wanted)
         try:
             yield
         finally:
             if self.mode == "sequential":
-                for name, module in wanted.items():
-                    self._move(name, module, False)
+                self._unload(wanted)
