@@ -4,7 +4,7 @@
 #     the CPU build from the PyTorch CPU index when the machine has no NVIDIA GPU (no nvidia-smi), else pip's
 #     default index (the CUDA build). KEYFACE_TORCH_INDEX=<index URL> forces an index ("default": pip's own);
 #     an unreachable CPU index falls back to the default with one line saying so,
-#   - this package in editable mode with its test and face-detection extras,
+#   - this package in editable mode with its test, face-detection and evaluation-plot extras,
 #   - for the browser test of the web widget: Debian's chromium and playwright-core from npm
 #     (skipped with a warning when apt-get or npm is unavailable; that test then skips).
 set -euo pipefail
@@ -37,7 +37,7 @@ if [ "$TORCH_INDEX" != default ]; then
 fi
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q "${TORCH_INDEX_ARGS[@]}" $TORCH_SPEC
-.venv/bin/python -m pip install -q -e ".[test,face]"
+.venv/bin/python -m pip install -q -e ".[test,face,eval]"
 
 if [ -f tests/web/package.json ]; then
     if ! command -v chromium >/dev/null 2>&1; then
