@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
-from keyface.errors import InputError, MissingWeightsError
+from keyface.errors import InputError, KeyFaceError, MissingWeightsError
 
 from . import host
-from .common import CATEGORY, check_widgets
+from .common import CATEGORY, check_widgets, node_function
 from .handles import MODEL, ModelBundle, managed_feature_extractor
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,20 @@ def _source(kind: str) -> str:
     }[kind]
 
 
+def _model_kind(input_name: str) -> str:
+    return input_name if input_name in AUDIO_ROLES else ("vae" if input_name == "vae" else "stage")
+
+
+def _present_alternatives(input_name: str, name: str) -> list[str]:
+    """Files beside the missing ``name`` with its stem, e.g. keyframe.pt for a missing keyframe.safetensors."""
+    relative = PurePosixPath(str(name).replace("\\", "/"))
+    roots = host.audio_model_roots() if _model_kind(input_name) in AUDIO_ROLES else host.model_roots()
+    return sorted({p.name for root in roots for p in (root / relative).parent.glob(f"{relative.stem}.*")})
+
+
 def resolve_model_file(input_name: str, name: str) -> Path:
     """The file or folder a model combo names, searched in the folders of its kind (never outside them)."""
-    kind = input_name if input_name in AUDIO_ROLES else ("vae" if input_name == "vae" else "stage")
+    kind = _model_kind(input_name)
     relative = PurePosixPath(str(name).replace("\\", "/"))
     if not str(name).strip() or relative.is_absolute() or ".." in relative.parts:
         raise InputError(f"{input_name}: {name!r} is not a file name inside the KeyFace models folder")
@@ -124,7 +135,7 @@ def resolve_model_file(input_name: str, name: str) -> Path:
         if (root / relative).exists():
             return root / relative
     searched = ", ".join(str(root) for root in roots)
-    siblings = sorted({p.name for root in roots for p in (root / relative).parent.glob(f"{relative.stem}.*")})
+    siblings = _present_alternatives(input_name, name)
     if siblings:  # e.g. a shared workflow names keyframe.safetensors, the official download is keyframe.pt
         raise MissingWeightsError(
             f"{input_name}: {name} was not found (searched {searched}), but {', '.join(siblings)} is there: "
@@ -138,20 +149,35 @@ def resolve_model_file(input_name: str, name: str) -> Path:
     )
 
 
-def missing_model_files(names: dict[str, str]) -> list[str]:
-    """One message per model combo (input name -> chosen name) whose file is missing."""
-    problems = []
+def missing_model_files(names: dict[str, str]) -> KeyFaceError | None:
+    """The error for the model combos (input name -> chosen name) whose files are missing, or None.
+
+    One missing file gets its full message (where it was looked for, where it comes from); several get one
+    short message listing them with the download command, so a fresh install does not print seven paragraphs.
+    """
+    problems: list[tuple[str, KeyFaceError]] = []
     for input_name, name in names.items():
         if input_name == "autoguidance" and name == NO_AUTOGUIDANCE:
             continue
         try:
             resolve_model_file(input_name, name)
-        except (InputError, MissingWeightsError) as error:
-            problems.append(str(error))
-    return problems
+        except MissingWeightsError as error:
+            present = _present_alternatives(input_name, name)
+            label = name + (f" ({', '.join(present)} is there: choose it in {input_name})" if present else "")
+            problems.append((label, error))
+        except InputError as error:
+            problems.append((str(error), error))
+    if len(problems) <= 1:
+        return problems[0][1] if problems else None
+    from keyface.download import KEYFACE_REPO, VAE_REPO
+    from keyface.loading import download_hint
 
-
-# --------------------------------------------------------------------------------------------------- the node
+    root = host.model_roots()[0]
+    return MissingWeightsError(
+        f"{len(problems)} model files are missing from {root}: {', '.join(label for label, _ in problems)}. "
+        f"Run `{download_hint(root)}` in the KeyFace pack's folder to fetch them (stages: {KEYFACE_REPO}, "
+        f"VAE: {VAE_REPO}, audio encoders: README 'Weights')"
+    )
 
 
 class KeyFaceModelLoader:
@@ -233,6 +259,7 @@ class KeyFaceModelLoader:
             }
         }
 
+    @node_function()
     def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"):
         check_widgets(type(self), {"device": device, "precision": precision})
         names = {
@@ -244,9 +271,8 @@ class KeyFaceModelLoader:
             "beats": beats,
             "wav2vec2": wav2vec2,
         }
-        problems = missing_model_files(names)
-        if problems:
-            raise MissingWeightsError("\n".join(problems))
+        if problem := missing_model_files(names):
+            raise problem
         paths = {
             "keyframe": resolve_model_file("keyframe", keyframe),
             "interpolation": resolve_model_file("interpolation", interpolation),

@@ -257,11 +257,6 @@ def test_a_wrong_checkpoint_error_stays_short(workspace, demo_models):
     assert not any(marker in str(wrong) for marker in MODEL_TEXT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nodes/loader.py (not this branch's file): the missing-weights error repeats the folder, the source and "
-    "the download command for each of the 7 files (3.8 KB with a short folder)",
-)
 def test_the_missing_weights_error_stays_short(tmp_path, workspace):
     host.configure(models=tmp_path)
     missing = node_error("KeyFaceModelLoader")

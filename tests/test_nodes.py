@@ -748,20 +748,24 @@ def test_missing_weights_are_reported_in_one_message_with_folder_and_source(tmp_
         run("KeyFaceModelLoader")
     # release names are offered even when absent, so shared workflows pass ComfyUI's list check
     assert spec["keyframe"][1]["default"] == "keyframe.safetensors" and "keyframe.safetensors" in spec["keyframe"][0]
-    lines = str(raised.value).splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        "keyframe",
-        "interpolation",
-        "autoguidance",
-        "vae",
-        "wavlm",
-        "beats",
-        "wav2vec2",
-    ]
-    assert lines[0].startswith("keyframe: keyframe.safetensors was not found")
-    assert all(str(tmp_path) in line for line in lines)
-    assert "toninio19/keyface" in lines[0] and "stabilityai/stable-video-diffusion-img2vid" in lines[3]
-    assert "WavLM" in lines[4] and "BEATs" in lines[5] and "facebook/wav2vec2-base-960h" in lines[6]
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 1024  # one short paragraph, not one per file
+    assert message.startswith(
+        f"7 model files are missing from {tmp_path}: keyframe.safetensors, interpolation.safetensors, "
+        "interpolation_bad.safetensors, vae, WavLM-Base+.pt, BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt, "
+        "wav2vec2-base-960h. Run "
+    )
+    assert f"python -m keyface download --models {tmp_path}" in message
+    assert "toninio19/keyface" in message and "stabilityai/stable-video-diffusion-img2vid" in message
+
+
+def test_one_missing_file_says_where_it_comes_from(demo_models, tmp_path, workspace):
+    host.configure(models=demo_models)
+    with pytest.raises(MissingWeightsError) as raised:
+        run("KeyFaceModelLoader", keyframe="keyframe_v2.safetensors")
+    message = str(raised.value)
+    assert message.startswith("keyframe: keyframe_v2.safetensors was not found (searched ")
+    assert "toninio19/keyface" in message and "python -m keyface download" in message
 
 
 def test_a_workflow_naming_safetensors_points_to_the_downloaded_pt(tmp_path, workspace):
@@ -769,13 +773,12 @@ def test_a_workflow_naming_safetensors_points_to_the_downloaded_pt(tmp_path, wor
     host.configure(models=tmp_path)
     with pytest.raises(MissingWeightsError) as raised:
         run("KeyFaceModelLoader", keyframe="keyframe.safetensors", interpolation="keyframe.pt", autoguidance="none")
-    first = str(raised.value).splitlines()[0]
-    assert first.endswith("keyframe.pt is there: choose it in the keyframe list")
+    assert "keyframe.safetensors (keyframe.pt is there: choose it in keyframe)" in str(raised.value)
 
 
 def test_model_names_cannot_leave_the_models_folder(demo_models, workspace):
     host.configure(models=demo_models)
-    with pytest.raises(MissingWeightsError, match=r"^keyframe: '\.\./checkpoints/keyframe\.pt' is not a file name"):
+    with pytest.raises(InputError, match=r"^keyframe: '\.\./checkpoints/keyframe\.pt' is not a file name"):
         run("KeyFaceModelLoader", keyframe="../checkpoints/keyframe.pt")
 
 
