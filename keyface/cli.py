@@ -27,6 +27,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from .models.bundle import OFFLOAD_MODES
     from .noise import DEFAULT_SEED
     from .pipeline import DEFAULT_SEGMENTS_PER_CALL
     from .sampling import AUTOGUIDANCE_SCALE, DEFAULT_NUM_STEPS, KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
@@ -71,9 +72,11 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--segments-per-call",
-        type=int,
-        default=DEFAULT_SEGMENTS_PER_CALL,
-        help=f"interpolation segments per network call (default {DEFAULT_SEGMENTS_PER_CALL})",
+        type=_segments_per_call,
+        default=None,
+        metavar="auto|N",
+        help="interpolation segments per network call (default auto: as many as fit in free GPU memory; "
+        f"{DEFAULT_SEGMENTS_PER_CALL} on a CPU). Does not change the frames",
     )
     group.add_argument("--fps", type=float, default=25.0, help="output frame rate; the models are trained at 25")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -94,6 +97,15 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--paste-back", action="store_true", help="paste the animated face back into the full original picture"
     )
+    group.add_argument(
+        "--offload",
+        choices=("auto", *OFFLOAD_MODES),
+        default="auto",
+        help="which parts stay on the GPU: none (all, fastest), stage (only the running step's), sequential "
+        "(also nothing between steps); auto (default) picks from free memory and the plan's estimate",
+    )
+    group.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first call)")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the networks")
     group.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; default 18)")
     group.add_argument(
         "--job-dir",
@@ -103,6 +115,19 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         "(default: .<output name>.keyface-job next to the output)",
     )
     group.add_argument("--keep-job", action="store_true", help="keep the job folder after success")
+
+
+def _segments_per_call(value: str) -> int | None:
+    """``--segments-per-call``: ``auto`` (None) or an integer >= 1."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {value!r}")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
