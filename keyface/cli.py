@@ -2,6 +2,7 @@
 
 Commands:
     generate   portrait + audio -> talking-head mp4 (any length; resumable; progress with ETA)
+    plan       what a generation will do and need (frames, network calls, memory, disk), without weights
     demo       the whole pipeline on tiny random weights and generated inputs, to see it run in a minute
     crop       find the face in an image, write the square crop, print the box as one JSON line
     convert    rewrite an original .pt checkpoint (KeyFace stage or audio encoder) as .safetensors
@@ -147,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(generate)
 
+    plan = commands.add_parser(
+        "plan", help="frames, network calls, memory per step and disk use of a generation, without weights"
+    )
+    plan.add_argument("--image", required=True, type=Path, help="portrait image (only checked)")
+    plan.add_argument("--audio", required=True, type=Path, help="audio file")
+    plan.add_argument(
+        "--models", type=Path, default=None, help="read the sizes from these checkpoints (default: the official sizes)"
+    )
+    plan.add_argument("--size", type=int, default=None, help="frame size in pixels (default: the models', 512)")
+    plan.add_argument("--vram", type=float, default=None, help="plan for a GPU with this many GB free")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    _add_generation_options(plan)
+
     demo = commands.add_parser("demo", help="run everything on tiny random weights (the result is noise)")
     demo.add_argument("--out", type=Path, default=Path("keyface_demo.mp4"), help="output .mp4")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated speech-like audio")
@@ -205,6 +219,10 @@ def _run(args: argparse.Namespace) -> int:
             from .generate import generate_from_files
 
             generate_from_files(args)
+        elif args.command == "plan":
+            from .plan import plan_command
+
+            plan_command(args)
         elif args.command == "demo":
             from .demo import install_demo_weights, run_demo
 

@@ -25,7 +25,7 @@ Used to choose ``segments_per_call`` (:meth:`MemoryEstimate.segments_per_call`) 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,6 +48,20 @@ MAX_SEGMENTS_PER_CALL = 26
 STEPS = ("identity", "keyframes", "segments", "decode", "preview")
 
 
+# Element counts of the official parts, as config_parameters builds them on the meta device (tests/test_plan.py
+# checks them), so that planning the official sizes imports no diffusers. The interpolation networks' learned
+# masks (latent_channels x latent_size^2) are counted at the official 64 x 64 and follow the latent size.
+OFFICIAL_PARAMETERS = {
+    "keyframe": 1_527_180_010,
+    "interpolation": 1_526_543_914,
+    "autoguidance": 1_524_970_026,
+    "decoder": 63_579_183,
+    "keyframe_decoder": 63_579_183,
+    "identity_encoder": 34_163_664,
+}
+_MASKED_PARTS = ("interpolation", "autoguidance")
+
+
 def part_parameters(models) -> dict[str, int]:
     """Parameter + buffer element counts of each loaded part of a :class:`~keyface.models.bundle.KeyFaceModels`."""
     return {name: _elements(module) for name, module in models.parts().items()}
@@ -56,7 +70,25 @@ def part_parameters(models) -> dict[str, int]:
 def config_parameters(
     keyframe: StageConfig, interpolation: StageConfig, encoder: EncoderConfig | None = None, autoguidance: bool = True
 ) -> dict[str, int]:
-    """The same counts without any weights: every part built from its configuration on the ``meta`` device."""
+    """The same counts without any weights: every part built from its configuration on the ``meta`` device
+    (official configurations at any latent size: :data:`OFFICIAL_PARAMETERS`)."""
+    official = (StageConfig.official("keyframe"), StageConfig.official("interpolation"))
+    sized = tuple(replace(config, latent_size=official[0].latent_size) for config in (keyframe, interpolation))
+    if sized == official and encoder in (None, EncoderConfig()) and keyframe.latent_size == interpolation.latent_size:
+        mask_change = interpolation.latent_channels * (interpolation.latent_size**2 - official[1].latent_size ** 2)
+        counts = {
+            name: count + (mask_change if name in _MASKED_PARTS else 0) for name, count in OFFICIAL_PARAMETERS.items()
+        }
+        if not autoguidance:
+            del counts["autoguidance"]
+        return counts
+    return meta_parameters(keyframe, interpolation, encoder, autoguidance)
+
+
+def meta_parameters(
+    keyframe: StageConfig, interpolation: StageConfig, encoder: EncoderConfig | None = None, autoguidance: bool = True
+) -> dict[str, int]:
+    """:func:`config_parameters` by building every part on the ``meta`` device (imports diffusers)."""
     from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
     from .models.vae import FrameDecoder, IdentityEncoder
 
