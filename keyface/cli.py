@@ -77,7 +77,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="auto|N",
         help="interpolation segments per network call (default auto: as many as fit in free GPU memory; "
-        f"{DEFAULT_SEGMENTS_PER_CALL} on a CPU). Does not change the frames",
+        f"{DEFAULT_SEGMENTS_PER_CALL} on a CPU). Changes the frames only by float rounding",
     )
     group.add_argument("--fps", type=float, default=25.0, help="output frame rate; the models are trained at 25")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")

@@ -142,17 +142,22 @@ def test_segments_per_call_auto_and_bad_values():
 
 
 def test_frames_do_not_depend_on_segments_per_call(loaded, tmp_path):
+    """Up to float rounding: a batch of another size may take other CPU kernels (measured: latents within
+    8e-6, a few uint8 values in 100,000 off by one)."""
     conditioning = conditioning_for(loaded, 45)
-    frames = {}
+    latents, frames = {}, {}
     for per_call in (1, 3, None):
-        job = TalkingHeadJob(
-            loaded, conditioning, GenerationSettings(segments_per_call=per_call), job_folder=tmp_path / str(per_call)
-        )
+        settings = GenerationSettings(segments_per_call=per_call)
+        job = TalkingHeadJob(loaded, conditioning, settings, job_folder=tmp_path / str(per_call))
+        latents[per_call] = torch.cat([job.segment(k) for k in range(len(job.schedule.segments))])
         sink = FrameListSink()
         job.run(sink)
-        frames[per_call] = sink.stack()
+        frames[per_call] = sink.stack().astype(int)
         assert job.segments_per_call == (per_call or 2)  # auto on a CPU: the original's 2
-    assert np.array_equal(frames[1], frames[3]) and np.array_equal(frames[1], frames[None])
+    for per_call in (3, None):
+        assert torch.allclose(latents[per_call], latents[1], rtol=0, atol=1e-4)
+        difference = np.abs(frames[per_call] - frames[1])
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
 # ---- the offload mode of the CLI --------------------------------------------------------------------------------
