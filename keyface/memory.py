@@ -31,6 +31,7 @@ import torch
 
 from .config import EncoderConfig, StageConfig
 from .constants import FRAMES_PER_CLIP
+from .errors import InputError
 from .models.bundle import MODEL_PARTS, OFFLOAD_MODES, STEP_PARTS
 
 # Peak activation bytes / largest feature map bytes of one call, measured on the CPU in float32 with
@@ -177,7 +178,7 @@ class MemoryEstimate:
         differ in what stays between steps, not in the peak).
         """
         if mode not in OFFLOAD_MODES:
-            raise ValueError(f"unknown offload mode {mode!r}")
+            raise InputError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
         if mode == "none":
             return self.all_weights() + max(self.activations(step, segments_per_call) for step in STEPS)
         return max(self.step_peak(step, segments_per_call) for step in STEPS)

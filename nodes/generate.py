@@ -256,8 +256,8 @@ class KeyFaceKeyframeInterpolator:
                         "min": 0,
                         "max": SEGMENTS_PER_CALL_MAX,
                         "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
-                        "large GPU and needs more memory. 0 = auto: as many as fit in free GPU memory. Does not "
-                        "change the result.",
+                        "large GPU and needs more memory. 0 = auto: as many as fit in free GPU memory. Changes the "
+                        "result only by float rounding.",
                     },
                 ),
             },
