@@ -91,6 +91,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
 
     settings = request.settings
     check_frame_rate(request.fps)
+    check_offload(request.offload)
     curve = parse_emotion(read_emotion_argument(request.emotion))
     crop_request = parse_crop(request.crop)
     files = find_model_files(request.models_folder, autoguidance=settings.autoguidance_scale != 1.0)
@@ -103,7 +104,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
     writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
     with writer:
-        models = load_models(files, "cpu" if torch_device.type != "cpu" else torch_device, dtype)
+        models = load_models(files, "cpu", dtype)  # place_models moves them (all, or per step)
         place_models(models, torch_device, request.offload)
         if request.compile or request.channels_last:
             from .models.speed import apply_speed_options
@@ -113,6 +114,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
         features = extractor.extract(
             clip, mode=audio_feature_mode(settings.schedule), progress=counting(progress, AUDIO_FEATURES)
         )
+        del extractor  # its audio encoders leave the device before the UNets need it
         valence, arousal = curve.per_frame(features.num_frames)
         conditioning = Conditioning(
             models.encode_image(face.image), features.keyframe, features.interpolation, valence, arousal
@@ -130,6 +132,13 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     return out
 
 
+def check_offload(offload: str) -> None:
+    from .models.bundle import OFFLOAD_MODES
+
+    if offload != "auto" and offload not in OFFLOAD_MODES:
+        raise InputError(f"--offload must be auto or one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+
+
 def place_models(models, device, offload: str = "auto") -> str:
     """Install the residency of ``models`` (loaded on the CPU) for compute ``device``; returns the offload mode.
 
@@ -140,15 +149,14 @@ def place_models(models, device, offload: str = "auto") -> str:
     import torch
 
     from .memory import MemoryEstimate, free_device_memory
-    from .models.bundle import OFFLOAD_MODES, Residency
+    from .models.bundle import Residency
 
     device = torch.device(device)
+    check_offload(offload)
     if offload == "auto":
         budget = free_device_memory(device)
         offload = "none" if device.type == "cpu" else MemoryEstimate.for_models(models).offload_mode(budget)
         logger.info("offload: %s", offload)
-    elif offload not in OFFLOAD_MODES:
-        raise InputError(f"--offload must be auto or one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
     if offload == "none":
         for module in models.parts().values():
             module.to(device)
