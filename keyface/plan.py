@@ -169,7 +169,7 @@ def plan_from_arguments(args) -> JobPlan:
     )
     if args.vram is not None:
         if not args.vram > 0:
-            raise InputError(f"--vram {args.vram}: give the GPU memory in GB, e.g. --vram 12")
+            raise InputError(f"--vram {args.vram:g}: give the GPU memory in GB, e.g. --vram 12")
         budget, device_name = round(args.vram * GIB), f"GPU with {args.vram:g} GB free"
     else:
         budget, device_name = free_device_memory(device), str(device)
