@@ -2,6 +2,7 @@
 
 Commands:
     generate   portrait + audio -> talking-head mp4 (any length; resumable; progress with ETA)
+    plan       what a generation will do and need (frames, network calls, memory, disk), without weights
     demo       the whole pipeline on tiny random weights and generated inputs, to see it run in a minute
     crop       find the face in an image, write the square crop, print the box as one JSON line
     convert    rewrite an original .pt checkpoint (KeyFace stage or audio encoder) as .safetensors
@@ -28,6 +29,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    from .models.bundle import OFFLOAD_MODES
     from .noise import DEFAULT_SEED
     from .pipeline import DEFAULT_SEGMENTS_PER_CALL
     from .sampling import AUTOGUIDANCE_SCALE, DEFAULT_NUM_STEPS, KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
@@ -72,9 +74,11 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--segments-per-call",
-        type=int,
-        default=DEFAULT_SEGMENTS_PER_CALL,
-        help=f"interpolation segments per network call (default {DEFAULT_SEGMENTS_PER_CALL})",
+        type=_segments_per_call,
+        default=None,
+        metavar="auto|N",
+        help="interpolation segments per network call (default auto: as many as fit in free GPU memory; "
+        f"{DEFAULT_SEGMENTS_PER_CALL} on a CPU). Changes the frames only by float rounding",
     )
     group.add_argument("--fps", type=float, default=25.0, help="output frame rate; the models are trained at 25")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -95,6 +99,15 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--paste-back", action="store_true", help="paste the animated face back into the full original picture"
     )
+    group.add_argument(
+        "--offload",
+        choices=("auto", *OFFLOAD_MODES),
+        default="auto",
+        help="which parts stay on the GPU: none (all, fastest), stage (only the running step's), sequential "
+        "(also nothing between steps); auto (default) picks from free memory and the plan's estimate",
+    )
+    group.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first call)")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the networks")
     group.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; default 18)")
     group.add_argument(
         "--job-dir",
@@ -104,6 +117,19 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         "(default: .<output name>.keyface-job next to the output)",
     )
     group.add_argument("--keep-job", action="store_true", help="keep the job folder after success")
+
+
+def _segments_per_call(value: str) -> int | None:
+    """``--segments-per-call``: ``auto`` (None) or an integer >= 1."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {value!r}")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="KeyFace models folder (default models/keyface; see README 'Weights')",
     )
     _add_generation_options(generate)
+
+    plan = commands.add_parser(
+        "plan", help="frames, network calls, memory per step and disk use of a generation, without weights"
+    )
+    plan.add_argument("--image", required=True, type=Path, help="portrait image (only checked)")
+    plan.add_argument("--audio", required=True, type=Path, help="audio file")
+    plan.add_argument(
+        "--models", type=Path, default=None, help="read the sizes from these checkpoints (default: the official sizes)"
+    )
+    plan.add_argument("--size", type=int, default=None, help="frame size in pixels (default: the models', 512)")
+    plan.add_argument("--vram", type=float, default=None, help="plan for a GPU with this many GB free")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    _add_generation_options(plan)
 
     demo = commands.add_parser("demo", help="run everything on tiny random weights (the result is noise)")
     demo.add_argument("--out", type=Path, default=Path("keyface_demo.mp4"), help="output .mp4")
@@ -184,6 +223,10 @@ def _run(args: argparse.Namespace) -> int:
             from .generate import generate_from_files
 
             generate_from_files(args)
+        elif args.command == "plan":
+            from .plan import plan_command
+
+            plan_command(args)
         elif args.command == "demo":
             from .demo import install_demo_weights, run_demo
 

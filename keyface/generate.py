@@ -65,6 +65,9 @@ class GenerationRequest:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     device: str = "auto"
     precision: str = "auto"
+    offload: str = "auto"
+    compile: bool = False
+    channels_last: bool = False
     crop: str = "center"
     face_index: int | None = None
     paste_back: bool = False
@@ -92,6 +95,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
 
     settings = request.settings
     check_frame_rate(request.fps)
+    check_offload(request.offload)
     curve = parse_emotion(read_emotion_argument(request.emotion))
     crop_request = parse_crop(request.crop)
     files = find_model_files(request.models_folder, autoguidance=settings.autoguidance_scale != 1.0)
@@ -106,11 +110,17 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
     writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
     with writer:
-        models = load_models(files, torch_device, dtype)
+        models = load_models(files, "cpu", dtype)  # place_models moves them (all, or per step)
+        place_models(models, torch_device, request.offload)
+        if request.compile or request.channels_last:
+            from .models.speed import apply_speed_options
+
+            apply_speed_options(models, compile=request.compile, channels_last=request.channels_last)
         extractor = AudioFeatureExtractor.from_folder(files.audio, device=torch_device)
         features = extractor.extract(
             clip, mode=audio_feature_mode(settings.schedule), progress=counting(progress, AUDIO_FEATURES)
         )
+        del extractor  # its audio encoders leave the device before the UNets need it
         valence, arousal = curve.per_frame(features.num_frames)
         conditioning = Conditioning(
             models.encode_image(face.image), features.keyframe, features.interpolation, valence, arousal
@@ -126,6 +136,38 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     if not request.keep_job:
         job.folder.remove()
     return out
+
+
+def check_offload(offload: str) -> None:
+    from .models.bundle import OFFLOAD_MODES
+
+    if offload != "auto" and offload not in OFFLOAD_MODES:
+        raise InputError(f"--offload must be auto or one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+
+
+def place_models(models, device, offload: str = "auto") -> str:
+    """Install the residency of ``models`` (loaded on the CPU) for compute ``device``; returns the offload mode.
+
+    ``offload`` ``"auto"``: ``none`` on a CPU; on a GPU ``none`` when every part fits in free memory with the
+    margin, ``stage`` when the largest step does, else ``sequential`` (:meth:`MemoryEstimate.offload_mode`).
+    With ``none`` every part moves to ``device`` now; otherwise each step moves what it uses.
+    """
+    import torch
+
+    from .memory import MemoryEstimate, free_device_memory
+    from .models.bundle import Residency
+
+    device = torch.device(device)
+    check_offload(offload)
+    if offload == "auto":
+        budget = free_device_memory(device)
+        offload = "none" if device.type == "cpu" else MemoryEstimate.for_models(models).offload_mode(budget)
+        logger.info("offload: %s", offload)
+    if offload == "none":
+        for module in models.parts().values():
+            module.to(device)
+    models.residency = Residency(device, torch.device("cpu"), offload)
+    return offload
 
 
 # GenerationSettings fields -> the CLI flag that sets them, for messages about a value the user typed.
@@ -162,6 +204,9 @@ def generate_from_files(args) -> Path:
         settings=settings_from_arguments(args),
         device=args.device,
         precision=args.precision,
+        offload=args.offload,
+        compile=args.compile,
+        channels_last=args.channels_last,
         crop=args.crop,
         face_index=args.face_index,
         paste_back=args.paste_back,

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,11 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .constants import FRAMES_PER_CLIP
 from .errors import InputError
 from .jobs import JobFolder, tensor_digest
+from .memory import KEYFRAME_GUIDANCE_BRANCHES, auto_segments_per_call
 from .models.bundle import KeyFaceModels
 from .noise import DEFAULT_SEED, NoiseSource, SeededNoise
-from .progress import FRAMES, INTERPOLATION, KEYFRAMES, ProgressCallback, ProgressCounter
+from .progress import FRAMES, INTERPOLATION, KEYFRAMES, ProgressCallback, ProgressCounter, cpu_estimate_event
 from .sampling import (
     AUTOGUIDANCE_SCALE,
     DEFAULT_NUM_STEPS,
@@ -50,13 +53,17 @@ from .video import FrameSink, to_uint8
 
 logger = logging.getLogger(__name__)
 
-# Segments interpolated per network call: the original's `chunk_size = 2 * 14` frames (spec §5.5).
+# Segments interpolated per network call where "auto" has no device memory to fit (a CPU): the original's
+# `chunk_size = 2 * 14` frames (spec §5.5); on a CPU larger calls are not faster and resume at coarser steps.
 DEFAULT_SEGMENTS_PER_CALL = 2
+AUTO = "auto"
 # Latents kept in memory besides the job folder (a chunk holds 2 batches and up to 27 segments).
 _CACHED_BATCHES = 4
 _CACHED_SEGMENTS = 64
 # Output frames decoded per VAE call (the decoder still sees every frame alone, spec §9.6).
 _DECODE_BLOCK = 13
+# Frames through the UNet per keyframe sampler step: 14 slots x 3 guidance branches (keyface.sampling).
+_KEYFRAME_PASSES = KEYFRAME_GUIDANCE_BRANCHES * FRAMES_PER_CLIP
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class GenerationSettings:
     autoguidance_scale: float = AUTOGUIDANCE_SCALE
     seed: int = DEFAULT_SEED
     schedule: str = ALIGNED
-    segments_per_call: int = DEFAULT_SEGMENTS_PER_CALL
+    segments_per_call: int | None = None  # None (or "auto"): as many as fit in free device memory
     interpolation_seed: int | None = None  # None: one noise stream for both stages, in the original order
     interpolation_steps: int | None = None  # stage 2's steps setting; None: num_steps for both stages
 
@@ -91,12 +98,11 @@ class GenerationSettings:
                 )
         if self.schedule not in SCHEDULE_MODES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {self.schedule!r}")
-        if (
-            isinstance(self.segments_per_call, bool)
-            or not isinstance(self.segments_per_call, int)
-            or (self.segments_per_call < 1)
-        ):
-            raise InputError(f"segments_per_call must be an integer >= 1, got {self.segments_per_call!r}")
+        if self.segments_per_call == AUTO:
+            object.__setattr__(self, "segments_per_call", None)
+        per_call = self.segments_per_call
+        if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
+            raise InputError(f"segments_per_call must be an integer >= 1 or 'auto', got {per_call!r}")
         for name in ("seed", "interpolation_seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64):
@@ -225,6 +231,9 @@ class TalkingHeadJob:
         self._segments: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._replaced: dict[int, torch.Tensor] = {}
         self._progress = ProgressCounter(0, None)
+        self._segments_per_call: int | None = None
+        self._estimate_due = False
+        self._planned_calls = (0, 0)  # keyframe batches and segments the current progress counter covers
 
     def with_settings(self, **changes) -> TalkingHeadJob:
         """This job with some settings changed (e.g. stage 2's steps, guidance or seed), in the same folder.
@@ -263,6 +272,17 @@ class TalkingHeadJob:
                     slots.append((slot.frame, slot_id))
         return sorted(slots)
 
+    @property
+    def segments_per_call(self) -> int:
+        """Segments per interpolation call: the setting, or for ``None`` ("auto") the most that fit in the free
+        memory of the compute device (:func:`keyface.memory.auto_segments_per_call`), chosen once per job."""
+        if self._segments_per_call is None:
+            requested = self.settings.segments_per_call
+            self._segments_per_call = requested or auto_segments_per_call(
+                self.models, fallback=DEFAULT_SEGMENTS_PER_CALL, decode_frames=_DECODE_BLOCK + 2
+            )
+        return self._segments_per_call
+
     # ------------------------------------------------------------------------------------------ stage 1
 
     def keyframe_batch(self, batch: int) -> torch.Tensor:
@@ -288,8 +308,10 @@ class TalkingHeadJob:
 
         def step(done: int, total: int) -> None:
             self._progress.advance(1, KEYFRAMES, f"{detail}, step {done}/{total}")
+            self._estimate_after_first_call(started, _KEYFRAME_PASSES)
 
         with self.models.step("keyframes"):
+            started = time.perf_counter()
             latents = sample_keyframes(
                 self.models.keyframe,
                 cond.identity_latent,
@@ -340,6 +362,7 @@ class TalkingHeadJob:
         self._progress = ProgressCounter(
             len(self.schedule.batches) * self.settings.steps_per_sample, self.progress_callback
         )
+        self._plan_estimate(len(self.schedule.batches), 0)
         for batch in range(len(self.schedule.batches)):
             self.keyframe_batch(batch)
 
@@ -369,6 +392,7 @@ class TalkingHeadJob:
             + len(self.schedule.segments) * settings.segment_steps_per_sample,
             self.progress_callback,
         )
+        self._plan_estimate(len(self.schedule.batches), len(self.schedule.segments))
         for segment in self.schedule.segments:
             self.segment(segment.index)
 
@@ -377,7 +401,7 @@ class TalkingHeadJob:
         ``segments_per_call``, those already in the job folder read back instead."""
         schedule, steps = self.schedule, self.settings.segment_steps_per_sample
         chunk = schedule.chunks[schedule.segments[index].chunk]
-        per_call = self.settings.segments_per_call
+        per_call = self.segments_per_call
         first = chunk.segments.start + (index - chunk.segments.start) // per_call * per_call
         group = range(first, min(first + per_call, chunk.segments.stop))
         missing = []
@@ -405,8 +429,10 @@ class TalkingHeadJob:
 
         def step(done: int, total: int) -> None:
             self._progress.advance(len(missing), INTERPOLATION, f"{detail}, step {done}/{total}")
+            self._estimate_after_first_call(started, len(missing) * frames * self._networks_per_segment_step)
 
         with self.models.step("segments"):
+            started = time.perf_counter()
             latents = sample_segments(
                 self.models.interpolation,
                 self.models.autoguidance,
@@ -440,6 +466,7 @@ class TalkingHeadJob:
             + (stop - start),
             self.progress_callback,
         )
+        self._plan_estimate(self._batches_needed(needed), len(needed))
         return self._frames(start, stop)
 
     def _batches_needed(self, segments: set[int]) -> int:
@@ -486,6 +513,39 @@ class TalkingHeadJob:
             for pixels in self.frames():
                 sink.write(to_uint8(pixels))
         return self.num_frames
+
+    # ------------------------------------------------------------------------------------------ CPU estimate
+
+    @property
+    def _networks_per_segment_step(self) -> int:
+        guided = self.models.autoguidance is not None and self.settings.autoguidance_scale != 1.0
+        return 2 if guided else 1
+
+    def _plan_estimate(self, batches: int, segments: int) -> None:
+        """A run over ``batches`` keyframe batches and ``segments`` segments starts: on a CPU, its duration is
+        sent once (an :data:`~keyface.progress.ESTIMATE` event) after its first network call."""
+        device = next(self.models.interpolation.parameters()).device
+        if self.models.residency is not None:
+            device = self.models.residency.device
+        self._estimate_due = self.progress_callback is not None and device.type == "cpu"
+        self._planned_calls = (batches, segments)
+
+    def _estimate_after_first_call(self, started: float, frame_passes: int) -> None:
+        """``frame_passes`` frames went through a UNet since ``started``: scale that to the planned work."""
+        if not self._estimate_due:
+            return
+        self._estimate_due = False
+        batches, segments = self._planned_calls
+        settings, frames = self.settings, self.schedule.frames_per_clip
+        networks = self._networks_per_segment_step
+        segment_calls = math.ceil(segments / self.segments_per_call) if segments else 0
+        calls = batches * settings.steps_per_sample + segment_calls * settings.segment_steps_per_sample * networks
+        passes = (
+            batches * settings.steps_per_sample * _KEYFRAME_PASSES
+            + segments * settings.segment_steps_per_sample * frames * networks
+        )
+        seconds = (time.perf_counter() - started) / frame_passes * passes
+        self._progress.callback(cpu_estimate_event(seconds, calls, self._progress.completed, self._progress.total))
 
     # ------------------------------------------------------------------------------------------ helpers
 

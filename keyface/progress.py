@@ -7,6 +7,7 @@ callback may raise to stop the work (ComfyUI's Cancel does): finished work is ke
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ AUDIO_FEATURES = "audio features"
 KEYFRAMES = "keyframes"
 INTERPOLATION = "interpolation"
 FRAMES = "frames"
+# Not a stage: a one-off note, e.g. how long a run on the CPU will take (``detail``: the sentence to show;
+# ``completed`` / ``total``: the current stage's, so a consumer that treats it like any event keeps its bar).
+ESTIMATE = "estimate"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,24 @@ def counting(callback: ProgressCallback | None, stage: str) -> Callable[[int, in
     return lambda done, total: callback(ProgressEvent(stage, done, total))
 
 
+def format_duration(seconds: float) -> str:
+    """``"3 h 05 min"``, ``"12 min"``, ``"40 s"``."""
+    minutes = round(seconds / 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{max(round(seconds), 1)} s"
+
+
+def cpu_estimate_event(seconds: float, calls: int, completed: int, total: int) -> ProgressEvent:
+    """The :data:`ESTIMATE` event of a run on the CPU: ``seconds`` for ``calls`` network calls."""
+    detail = (
+        f"running on the CPU: sampling will take about {format_duration(seconds)} ({calls} network calls; an "
+        "estimate from the time of the first call). KeyFace is meant for a GPU, where this takes a small "
+        "fraction of that"
+    )
+    return ProgressEvent(ESTIMATE, completed, total, detail)
+
+
 @contextmanager
 def terminal_progress_bar() -> Iterator[ProgressCallback]:
     """A tqdm bar on the terminal, fed by progress events: stage, detail and ETA of the current stage.
@@ -66,6 +88,9 @@ def terminal_progress_bar() -> Iterator[ProgressCallback]:
 
     def on_event(event: ProgressEvent) -> None:
         nonlocal bar
+        if event.stage == ESTIMATE:
+            tqdm.write(f"note: {event.detail}", file=sys.stderr)
+            return
         if bar is None:
             bar = tqdm(total=event.total, unit="step", dynamic_ncols=True, desc=event.stage)
         if bar.total != event.total or bar.desc != event.stage:

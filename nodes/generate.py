@@ -191,7 +191,6 @@ class KeyFaceKeyframeInterpolator:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from keyface.pipeline import DEFAULT_SEGMENTS_PER_CALL
         from keyface.sampling import AUTOGUIDANCE_SCALE
 
         return {
@@ -212,11 +211,12 @@ class KeyFaceKeyframeInterpolator:
                 "segments_per_call": (
                     "INT",
                     {
-                        "default": DEFAULT_SEGMENTS_PER_CALL,
-                        "min": 1,
+                        "default": 0,
+                        "min": 0,
                         "max": SEGMENTS_PER_CALL_MAX,
                         "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
-                        "large GPU and needs more memory. Does not change the result.",
+                        "large GPU and needs more memory. 0 = auto: as many as fit in free GPU memory. Changes the "
+                        "result only by float rounding.",
                     },
                 ),
             },
@@ -241,7 +241,7 @@ class KeyFaceKeyframeInterpolator:
         job = sampled.with_settings(
             interpolation_steps=steps,
             autoguidance_scale=autoguidance_scale,
-            segments_per_call=segments_per_call,
+            segments_per_call=segments_per_call or None,  # 0: auto
             interpolation_seed=None if seed == sampled.settings.seed else seed,
         )
         progress = NodeProgress()

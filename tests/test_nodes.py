@@ -980,7 +980,7 @@ def test_interpolator_refuses_bad_input_naming_it():
     with pytest.raises(InputError, match="^keyframes: connect"):
         run("KeyFaceKeyframeInterpolator", keyframes=None)
     with pytest.raises(InputError, match="^segments_per_call"):
-        run("KeyFaceKeyframeInterpolator", keyframes=None, segments_per_call=0)
+        run("KeyFaceKeyframeInterpolator", keyframes=None, segments_per_call=-1)
 
 
 # ------------------------------------------------------------------------------------ the whole chain

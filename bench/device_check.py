@@ -1,0 +1,424 @@
+"""One prepared check of a device: speed and memory of every KeyFace step on random weights, as JSON lines.
+
+For the day a GPU is lent: ``python bench/device_check.py`` (CUDA, official full sizes at 512x512, fp16 and bf16)
+finishes in a few minutes on a data-centre GPU and prints, one JSON object per line (``{"metric", "value",
+...}``):
+
+* ``step_s``: seconds per denoising step of each stage (keyframes: 3 guidance branches x 14 frames;
+  interpolation: main + autoguidance network, per segments-per-call) and per VAE decode block, per precision;
+* ``peak_bytes``: peak device memory of each step under each offload mode (none / stage / sequential), with the
+  estimate of :mod:`keyface.memory` next to it (``estimate_bytes``) and the measured activation factor;
+* ``compute_s_per_video_s``: seconds of compute per second of video at the official step counts;
+* ``segments_per_call``: the sweep (seconds per segment and peak memory for each count);
+* ``max_abs_diff``: one keyframe denoising step in fp16 / bf16 against fp32, same weights and inputs.
+
+On a CPU (``--device cpu``, the default without CUDA) the networks keep the official structure at reduced
+widths unless ``--model full`` (full-size init and steps take many minutes there; ``--model tiny``: the demo's), memory values are ``null``
+except the activation calibration (``activation_factor``, measured with
+:func:`keyface.memory.activation_peak_bytes`), and ``--size 64`` keeps it to about a minute::
+
+    python bench/device_check.py --device cpu --size 64 --precisions bf16
+    python bench/device_check.py --time-budget 300 --sweep 1 2 4 8 16
+
+Weights are random (default init, seeded): nothing is read from disk. ``--time-budget`` skips what is left
+(with a ``skipped`` line) once the budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import torch
+
+from keyface.config import DecoderConfig, EncoderConfig, StageConfig
+from keyface.constants import FRAMES_PER_CLIP, VIDEO_FPS
+from keyface.memory import (
+    DECODER_ACTIVATION_FACTOR,
+    ENCODER_ACTIVATION_FACTOR,
+    UNET_ACTIVATION_FACTOR,
+    MemoryEstimate,
+    activation_peak_bytes,
+)
+from keyface.models.bundle import OFFLOAD_MODES, KeyFaceModels, Residency
+from keyface.sampling import AUTOGUIDANCE_SCALE, Autoguidance, KeyframeGuidance, ays_sigmas
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU default: the official structure at reduced widths (multiples of 32, for GroupNorm's 32 groups):
+# UNet levels 64/128/256/256 with heads of 16 channels, tokens / 4; VAE levels 32/64/128/128.
+UNET_WIDTH_DIVISOR = 5
+WIDTH_DIVISOR = 4
+MID_SIGMA = 4.248  # a mid-schedule AYS level; the cost of a step does not depend on it
+
+
+def emit(out, metric: str, value, **extra) -> None:
+    if isinstance(value, float):
+        value = round(value, 6)
+    print(json.dumps({"metric": metric, "value": value, **extra}), file=out, flush=True)
+
+
+def stage_configs(size: int, model: str) -> tuple[StageConfig, StageConfig, EncoderConfig]:
+    """``model``: ``full`` (official), ``reduced`` (see ``UNET_WIDTH_DIVISOR``) or ``tiny`` (the demo's sizes),
+    at ``size`` pixels."""
+    if model == "tiny":
+        from keyface.demo import TINY
+
+        configs = [TINY.stage_config(kind) for kind in ("keyframe", "interpolation")]
+        configs = [dataclasses.replace(c, latent_size=size // c.decoder.downsample_factor) for c in configs]
+        decoder = TINY.decoder_config()
+        encoder = EncoderConfig(
+            block_out_channels=decoder.block_out_channels, layers_per_block=decoder.layers_per_block
+        )
+        return configs[0], configs[1], encoder
+    full_size = model == "full"
+    configs = []
+    for kind in ("keyframe", "interpolation"):
+        config = StageConfig.official(kind)
+        if not full_size:
+            unet, d = config.unet, WIDTH_DIVISOR
+            unet = dataclasses.replace(
+                unet,
+                block_out_channels=tuple(w // UNET_WIDTH_DIVISOR for w in unet.block_out_channels),
+                num_head_channels=unet.num_head_channels // d,
+                context_dim=unet.context_dim // d,
+                emotion_embedding_dim=unet.emotion_embedding_dim // d,
+            )
+            decoder = DecoderConfig(block_out_channels=tuple(w // d for w in config.decoder.block_out_channels))
+            config = dataclasses.replace(
+                config, unet=unet, decoder=decoder, audio_feature_dim=config.audio_feature_dim // d
+            )
+        configs.append(dataclasses.replace(config, latent_size=size // config.decoder.downsample_factor))
+    encoder = EncoderConfig()
+    if not full_size:
+        encoder = EncoderConfig(block_out_channels=tuple(w // WIDTH_DIVISOR for w in encoder.block_out_channels))
+    return configs[0], configs[1], encoder
+
+
+def build_models(configs, device: torch.device) -> KeyFaceModels:
+    """Random-weight models (default init, seed 0) built directly on ``device``, all float32."""
+    from keyface.models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
+    from keyface.models.vae import FrameDecoder, IdentityEncoder
+
+    keyframe, interpolation, encoder = configs
+    torch.manual_seed(0)
+    with torch.device(device):
+        return KeyFaceModels(
+            keyframe=KeyframeModel(keyframe).eval(),
+            interpolation=InterpolationModel(interpolation).eval(),
+            autoguidance=InterpolationNetwork(interpolation).eval(),
+            decoder=FrameDecoder(interpolation.decoder).eval(),
+            keyframe_decoder=FrameDecoder(keyframe.decoder).eval(),
+            identity_encoder=IdentityEncoder(encoder).eval(),
+        )
+
+
+class Inputs:
+    """Seeded random inputs of one call of each step (on the CPU; moved where the model is)."""
+
+    def __init__(self, models: KeyFaceModels, segments: int, decode_frames: int):
+        generator = torch.Generator().manual_seed(1)
+        c, h, w = models.latent_shape
+        frames = FRAMES_PER_CLIP
+        kf, ip = models.keyframe.config, models.interpolation.config
+        self.identity = torch.randn(1, c, h, w, generator=generator) * 0.2
+        self.keyframe_audio = torch.randn(1, frames, 2, kf.audio_feature_dim, generator=generator)
+        self.emotion = torch.zeros(1, frames)
+        self.keyframe_noise = torch.randn(frames, c, h, w, generator=generator)
+        self.start = torch.randn(segments, c, h, w, generator=generator) * 0.2
+        self.end = torch.randn(segments, c, h, w, generator=generator) * 0.2
+        self.segment_audio = torch.randn(segments, frames, 2, ip.audio_feature_dim, generator=generator)
+        self.segment_noise = torch.randn(segments * frames, c, h, w, generator=generator)
+        self.decode_latents = torch.randn(decode_frames, c, h, w, generator=generator)
+        self.image = torch.rand(1, 3, models.image_size, models.image_size, generator=generator) * 2 - 1
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def keyframe_step(models: KeyFaceModels, inputs: Inputs) -> torch.Tensor:
+    """One keyframe denoising step (the three guidance branches in one call), as the sampler runs it."""
+    device = _device_of(models.keyframe)
+    with torch.inference_mode():
+        cond = models.keyframe.condition(
+            inputs.identity.to(device), inputs.keyframe_audio.to(device), inputs.emotion, inputs.emotion
+        )
+        guidance = KeyframeGuidance(models.keyframe, cond)
+        sigma = torch.full((FRAMES_PER_CLIP,), MID_SIGMA, device=device)
+        return guidance(inputs.keyframe_noise.to(device) * math.sqrt(1 + MID_SIGMA**2), sigma)
+
+
+def segment_step(models: KeyFaceModels, inputs: Inputs, segments: int) -> torch.Tensor:
+    """One interpolation denoising step of ``segments`` segments (main + autoguidance network)."""
+    device = _device_of(models.interpolation)
+    frames = segments * FRAMES_PER_CLIP
+    with torch.inference_mode():
+        cond = models.interpolation.condition(
+            inputs.start[:segments].to(device),
+            inputs.end[:segments].to(device),
+            inputs.segment_audio[:segments].to(device),
+        )
+        guidance = Autoguidance(models.interpolation, models.autoguidance, cond, AUTOGUIDANCE_SCALE)
+        sigma = torch.full((frames,), MID_SIGMA, device=device)
+        return guidance(inputs.segment_noise[:frames].to(device), sigma)
+
+
+def decode_step(models: KeyFaceModels, inputs: Inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        return models.decoder.decode(inputs.decode_latents.to(_device_of(models.decoder)))
+
+
+def identity_step(models: KeyFaceModels, inputs: Inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        return models.identity_encoder.encode(inputs.image.to(_device_of(models.identity_encoder)))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run, device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` runs after one warm-up, in seconds."""
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def in_precision(models: KeyFaceModels, dtype: torch.dtype) -> KeyFaceModels:
+    """A copy of ``models`` whose UNet stages run in ``dtype`` (the float32 originals are kept for comparisons);
+    the VAE parts are shared and stay float32, as in :func:`keyface.loading.load_models`."""
+    if dtype == torch.float32:
+        return models
+    networks = ("keyframe", "interpolation", "autoguidance")
+    return dataclasses.replace(models, **{name: copy.deepcopy(getattr(models, name)).to(dtype) for name in networks})
+
+
+def bundle_bytes_on(models: KeyFaceModels, device: torch.device) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for module in models.parts().values()
+        for t in (*module.parameters(), *module.buffers())
+        if t.device.type == device.type
+    )
+
+
+class Budget:
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def left(self) -> bool:
+        return self.deadline is None or time.perf_counter() < self.deadline
+
+
+def peak_of(run, device: torch.device) -> int | None:
+    """Peak device bytes allocated while ``run`` runs (CUDA); None elsewhere."""
+    if device.type != "cuda":
+        run()
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def check_offload_peaks(out, models, inputs, estimate: MemoryEstimate, device, precision: str, segments: int) -> None:
+    """Peak memory of each step under each offload mode (the bundle's own bytes: tensors outside it, such as
+    the float32 originals, are subtracted), next to the estimate."""
+    steps = {
+        "identity": lambda: identity_step(models, inputs),
+        "keyframes": lambda: keyframe_step(models, inputs),
+        "segments": lambda: segment_step(models, inputs, segments),
+        "decode": lambda: decode_step(models, inputs),
+    }
+    for mode in OFFLOAD_MODES:
+        for module in models.parts().values():
+            module.to(device if mode == "none" else "cpu")
+        models.residency = Residency(device, torch.device("cpu"), mode)
+        for step, run in steps.items():
+
+            def inside(step=step, run=run) -> None:
+                with models.step(step):
+                    run()
+
+            outside = (
+                torch.cuda.memory_allocated(device) - bundle_bytes_on(models, device) if device.type == "cuda" else 0
+            )
+            peak = peak_of(inside, device)
+            resident = estimate.all_weights() if mode == "none" else estimate.weights(step)
+            emit(
+                out,
+                "peak_bytes",
+                None if peak is None else peak - outside,
+                step=step,
+                offload=mode,
+                precision=precision,
+                segments_per_call=segments,
+                estimate_bytes=resident + estimate.activations(step, segments),
+            )
+    models.residency = None
+    for module in models.parts().values():
+        module.to(device)
+
+
+def calibrate_activations(out, models: KeyFaceModels, inputs: Inputs, estimate: MemoryEstimate, device) -> None:
+    """Measured activation factor of each network (peak activation bytes / largest feature map bytes)."""
+    checks = {
+        "keyframes": (lambda: keyframe_step(models, inputs), UNET_ACTIVATION_FACTOR),
+        "segments": (lambda: segment_step(models, inputs, 1), UNET_ACTIVATION_FACTOR),
+        "decode": (lambda: decode_step(models, inputs), DECODER_ACTIVATION_FACTOR),
+        "identity": (lambda: identity_step(models, inputs), ENCODER_ACTIVATION_FACTOR),
+    }
+    for step, (run, factor) in checks.items():
+        if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
+            measured = peak_of(run, device) - before
+        else:
+            with activation_peak_bytes() as tracker:
+                run()
+            measured = tracker.peak
+        modelled = estimate.activations(step, 1)
+        emit(
+            out,
+            "activation_factor",
+            factor * measured / modelled,
+            step=step,
+            device=device.type,
+            constant=factor,
+            measured_bytes=measured,
+            estimate_bytes=modelled,
+        )
+
+
+def compute_per_video_second(step_seconds: dict, segments: int, decode_frames: int, autoguided: bool = True) -> float:
+    """Seconds of compute per second of video at the official step counts (10 -> 11 Euler steps per call)."""
+    from keyface.schedule import plan_schedule
+
+    frames = 60 * VIDEO_FPS
+    schedule = plan_schedule(frames)
+    steps = len(ays_sigmas()) - 1
+    calls = sum(math.ceil(len(chunk.segments) / segments) for chunk in schedule.chunks)
+    total = (
+        len(schedule.batches) * steps * step_seconds["keyframes"]
+        + calls * steps * step_seconds["segments"]
+        + math.ceil(schedule.n_output_frames / decode_frames) * step_seconds["decode"]
+    )
+    return total / (frames / VIDEO_FPS)
+
+
+def activation_peak(run, device: torch.device) -> int | None:
+    """Peak bytes allocated above what was allocated before ``run`` (CUDA); None elsewhere."""
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    peak = peak_of(run, device)
+    return None if peak is None else peak - before
+
+
+def check_precision(out, models: KeyFaceModels, inputs: Inputs, reference, precision: str, args, budget) -> None:
+    """Everything measured per precision: the difference to fp32, step times, the sweep, offload peaks."""
+    device = _device_of(models.interpolation)
+    repeats, sweep = args.repeats, args.sweep
+    difference = (keyframe_step(models, inputs).float().cpu() - reference).abs().max().item()
+    emit(out, "max_abs_diff", difference, precision=precision, against="fp32", step="keyframes")
+    estimate = MemoryEstimate.for_models(models, args.decode_frames)
+    seconds = {
+        "keyframes": timed(lambda: keyframe_step(models, inputs), device, repeats),
+        "decode": timed(lambda: decode_step(models, inputs), device, repeats),
+    }
+    emit(out, "step_s", seconds["keyframes"], step="keyframes", precision=precision)
+    emit(out, "step_s", seconds["decode"], step="decode", precision=precision, frames=args.decode_frames)
+    per_call = {}
+    for segments in sweep:
+        if not budget.left():
+            emit(out, "skipped", f"segments_per_call {segments}", precision=precision, reason="time budget spent")
+            continue
+        per_call[segments] = timed(lambda n=segments: segment_step(models, inputs, n), device, repeats)
+        activations = activation_peak(lambda n=segments: segment_step(models, inputs, n), device)
+        emit(out, "step_s", per_call[segments], step="segments", precision=precision, segments_per_call=segments)
+        emit(
+            out,
+            "segments_per_call",
+            per_call[segments] / segments,
+            unit="s per segment per step",
+            precision=precision,
+            segments_per_call=segments,
+            activation_bytes=activations,
+            estimate_activation_bytes=estimate.activations("segments", segments),
+        )
+    for segments, step_seconds in per_call.items():
+        emit(
+            out,
+            "compute_s_per_video_s",
+            compute_per_video_second({**seconds, "segments": step_seconds}, segments, args.decode_frames),
+            precision=precision,
+            segments_per_call=segments,
+        )
+    if budget.left():
+        check_offload_peaks(out, models, inputs, estimate, device, precision, min(sweep))
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    out = out or sys.stdout
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=512, help="frame size in pixels (default 512, the official)")
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=("fp16", "bf16", "fp32"))
+    parser.add_argument(
+        "--model",
+        choices=("full", "reduced", "tiny"),
+        default=None,
+        help="network sizes: full (official; the default on CUDA), reduced (official structure, smaller widths; the "
+        "default on a CPU) or tiny (the demo's)",
+    )
+    parser.add_argument("--sweep", nargs="+", type=int, default=None, help="segments per call to try")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per step (the fastest is kept)")
+    parser.add_argument("--decode-frames", type=int, default=FRAMES_PER_CLIP, help="frames per VAE decode call")
+    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds; what is left is skipped")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model = args.model or ("full" if device.type == "cuda" else "reduced")
+    args.sweep = args.sweep or ([1, 2, 4, 8, 16] if device.type == "cuda" else [1, 2])
+    args.repeats = args.repeats or (3 if device.type == "cuda" else 1)
+    budget = Budget(args.time_budget)
+    started = time.perf_counter()
+
+    configs = stage_configs(args.size, model)
+    masters = build_models(configs, device)
+    emit(
+        out,
+        "setup",
+        round(time.perf_counter() - started, 3),
+        device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        size=args.size,
+        model=model,
+        torch=torch.__version__,
+        parameters={name: sum(p.numel() for p in m.parameters()) for name, m in masters.parts().items()},
+    )
+    inputs = Inputs(masters, max(args.sweep), args.decode_frames)
+    calibrate_activations(out, masters, inputs, MemoryEstimate.for_models(masters, args.decode_frames), device)
+    reference = keyframe_step(masters, inputs).float().cpu()
+
+    for precision in args.precisions:
+        if budget.left():
+            check_precision(out, in_precision(masters, DTYPES[precision]), inputs, reference, precision, args, budget)
+        else:
+            emit(out, "skipped", precision, reason="time budget spent")
+    emit(out, "total_s", round(time.perf_counter() - started, 3))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
