@@ -202,8 +202,8 @@ def test_offload_modes_give_identical_videos_through_the_cli(demo_models, inputs
                 torch.device("cuda"),
                 offload_device,
                 mode,
-                load=lambda name, module: record.append(("load", name)),
-                unload=lambda name, module: record.append(("unload", name)),
+                load=lambda parts: record.extend(("load", name) for name in parts),
+                unload=lambda parts: record.extend(("unload", name) for name in parts),
             )
 
     monkeypatch.setattr(bundle, "Residency", Recording)
@@ -222,7 +222,8 @@ def test_offload_modes_give_identical_videos_through_the_cli(demo_models, inputs
 
 
 def test_speed_flags_call_apply_speed_options(demo_models, inputs, tmp_path, monkeypatch):
-    speed = pytest.importorskip("keyface.models.speed", reason="keyface.models.speed comes with the mm branch")
+    from keyface.models import speed
+
     calls = []
     monkeypatch.setattr(speed, "apply_speed_options", lambda models, **options: calls.append(options))
     image, audio = inputs
