@@ -43,6 +43,10 @@ ENCODER_ACTIVATION_FACTOR = 6.0
 KEYFRAME_GUIDANCE_BRANCHES = 3  # uncond, identity, full: one batched call (keyface.sampling.KeyframeGuidance)
 # Free memory kept back: allocator fragmentation, the CUDA context's own use, small buffers not modelled.
 MEMORY_MARGIN = 0.15
+# Output frames per VAE decoder call at most; a block's decoder batch holds up to two more segment frames (an
+# output frame where two segments overlap is the mean of both).
+DECODE_BLOCK_FRAMES = 13
+DECODE_EXTRA_INPUTS = 2
 # Interpolation segments per call are never more than a chunk holds (2 keyframe batches of 13 segments).
 MAX_SEGMENTS_PER_CALL = 26
 # The steps of one video, in order (the audio encoders run before them, outside KeyFaceModels).
@@ -194,6 +198,23 @@ class MemoryEstimate:
             best = count
         return best
 
+    def decode_block(self, budget_bytes: int, mode: str = "stage", limit: int = DECODE_BLOCK_FRAMES) -> int:
+        """The most output frames per decoder call (1 .. ``limit``) whose decode step fits in ``budget_bytes`` less
+        the safety margin under ``mode``; 1 when even one does not fit. Frames are decoded alone either way, so
+        the block size changes memory and speed, not the pictures."""
+        usable = budget_bytes * (1 - MEMORY_MARGIN)
+        resident = self.all_weights() if mode == "none" else self.weights("decode")
+        best = 1
+        for block in range(1, max(limit, 1) + 1):
+            if resident + self.with_decode_block(block).activations("decode") > usable:
+                break
+            best = block
+        return best
+
+    def with_decode_block(self, block: int) -> MemoryEstimate:
+        """This estimate for decoder calls of ``block`` output frames."""
+        return replace(self, decode_frames=block + DECODE_EXTRA_INPUTS)
+
     def _segments_peak(self, mode: str, count: int) -> int:
         resident = self.all_weights() if mode == "none" else self.weights("segments")
         return resident + self.activations("segments", count)
@@ -205,9 +226,10 @@ class MemoryEstimate:
         if budget_bytes is None:
             return "none"
         usable = budget_bytes * (1 - MEMORY_MARGIN)
-        if self.peak("none") <= usable:
+        smallest = self.with_decode_block(1)  # the decode block shrinks to fit (decode_block), so it never decides
+        if smallest.peak("none") <= usable:
             return "none"
-        return "stage" if self.peak("stage") <= usable else "sequential"
+        return "stage" if smallest.peak("stage") <= usable else "sequential"
 
 
 def free_device_memory(device: torch.device | str) -> int | None:
@@ -220,27 +242,42 @@ def free_device_memory(device: torch.device | str) -> int | None:
     return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def auto_segments_per_call(
-    models, budget_bytes: int | None = None, *, fallback: int, decode_frames: int = FRAMES_PER_CLIP
-) -> int:
-    """``segments_per_call`` "auto" for loaded ``models``: the most that fit in ``budget_bytes`` (default: the free
-    memory of the compute device plus what the models hold there now) under the models' offload mode;
-    ``fallback`` where there is no device memory to fit (a CPU)."""
+def device_budget(models) -> int | None:
+    """Bytes the loaded ``models`` may use on their compute device: its free memory plus what they hold there
+    now; None on a CPU (no device memory to fit)."""
     residency = models.residency
     device = residency.device if residency is not None else next(models.interpolation.parameters()).device
+    free = free_device_memory(device)
+    if free is None:
+        return None
+    held = sum(
+        t.numel() * t.element_size()
+        for module in models.parts().values()
+        for t in (*module.parameters(), *module.buffers())
+        if t.device.type == device.type
+    )
+    return free + held
+
+
+def auto_segments_per_call(models, budget_bytes: int | None = None, *, fallback: int) -> int:
+    """``segments_per_call`` "auto" for loaded ``models``: the most that fit in ``budget_bytes`` (default:
+    :func:`device_budget`) under the models' offload mode; ``fallback`` where there is no device memory to fit."""
+    budget_bytes = device_budget(models) if budget_bytes is None else budget_bytes
     if budget_bytes is None:
-        free = free_device_memory(device)
-        if free is None:
-            return fallback
-        held = sum(
-            t.numel() * t.element_size()
-            for module in models.parts().values()
-            for t in (*module.parameters(), *module.buffers())
-            if t.device.type == device.type
-        )
-        budget_bytes = free + held
-    mode = "none" if residency is None else residency.mode
-    return MemoryEstimate.for_models(models, decode_frames).segments_per_call(budget_bytes, mode)
+        return fallback
+    mode = "none" if models.residency is None else models.residency.mode
+    estimate = MemoryEstimate.for_models(models).with_decode_block(DECODE_BLOCK_FRAMES)
+    return estimate.segments_per_call(budget_bytes, mode)
+
+
+def auto_decode_block(models, budget_bytes: int | None = None) -> int:
+    """Output frames per decoder call for loaded ``models``: :data:`DECODE_BLOCK_FRAMES` on a CPU, else the most
+    whose decode step fits in ``budget_bytes`` (default: :func:`device_budget`)."""
+    budget_bytes = device_budget(models) if budget_bytes is None else budget_bytes
+    if budget_bytes is None:
+        return DECODE_BLOCK_FRAMES
+    mode = "none" if models.residency is None else models.residency.mode
+    return MemoryEstimate.for_models(models).decode_block(budget_bytes, mode)
 
 
 class activation_peak_bytes:

@@ -35,7 +35,7 @@ import torch
 from .constants import FRAMES_PER_CLIP
 from .errors import InputError
 from .jobs import JobFolder, tensor_digest
-from .memory import KEYFRAME_GUIDANCE_BRANCHES, auto_segments_per_call
+from .memory import KEYFRAME_GUIDANCE_BRANCHES, auto_decode_block, auto_segments_per_call
 from .models.bundle import KeyFaceModels
 from .noise import DEFAULT_SEED, NoiseSource, SeededNoise
 from .progress import FRAMES, INTERPOLATION, KEYFRAMES, ProgressCallback, ProgressCounter, cpu_estimate_event
@@ -60,8 +60,6 @@ AUTO = "auto"
 # Latents kept in memory besides the job folder (a chunk holds 2 batches and up to 27 segments).
 _CACHED_BATCHES = 4
 _CACHED_SEGMENTS = 64
-# Output frames decoded per VAE call (the decoder still sees every frame alone, spec §9.6).
-_DECODE_BLOCK = 13
 # Frames through the UNet per keyframe sampler step: 14 slots x 3 guidance branches (keyface.sampling).
 _KEYFRAME_PASSES = KEYFRAME_GUIDANCE_BRANCHES * FRAMES_PER_CLIP
 
@@ -232,6 +230,7 @@ class TalkingHeadJob:
         self._replaced: dict[int, torch.Tensor] = {}
         self._progress = ProgressCounter(0, None)
         self._segments_per_call: int | None = None
+        self._decode_block: int | None = None
         self._estimate_due = False
         self._planned_calls = (0, 0)  # keyframe batches and segments the current progress counter covers
 
@@ -279,9 +278,17 @@ class TalkingHeadJob:
         if self._segments_per_call is None:
             requested = self.settings.segments_per_call
             self._segments_per_call = requested or auto_segments_per_call(
-                self.models, fallback=DEFAULT_SEGMENTS_PER_CALL, decode_frames=_DECODE_BLOCK + 2
+                self.models, fallback=DEFAULT_SEGMENTS_PER_CALL
             )
         return self._segments_per_call
+
+    @property
+    def decode_block(self) -> int:
+        """Output frames per VAE decoder call: at most 13, fewer when the free device memory needs it
+        (:func:`keyface.memory.auto_decode_block`); each frame is decoded alone either way (spec §9.6)."""
+        if self._decode_block is None:
+            self._decode_block = auto_decode_block(self.models)
+        return self._decode_block
 
     # ------------------------------------------------------------------------------------------ stage 1
 
@@ -482,7 +489,7 @@ class TalkingHeadJob:
         block = []
         for frame in self.schedule.output_frames(start, stop):
             block.append(frame)
-            if len(block) == _DECODE_BLOCK:
+            if len(block) == self.decode_block:
                 yield from self._decode(block)
                 block = []
         yield from self._decode(block)

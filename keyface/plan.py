@@ -18,11 +18,10 @@ from pathlib import Path
 from .config import StageConfig
 from .constants import FRAMES_PER_CLIP, VIDEO_FPS
 from .errors import InputError
-from .memory import STEPS, MemoryEstimate, config_parameters
+from .memory import DECODE_BLOCK_FRAMES, STEPS, MemoryEstimate, config_parameters
 
 # Bytes of one latent file of the job folder beyond its float32 tensor: the safetensors header and metadata.
 LATENT_FILE_OVERHEAD = 512
-DECODE_BLOCK_FRAMES = 13  # output frames per decoder call (keyface.pipeline)
 GIB = 1024**3
 
 
@@ -45,6 +44,7 @@ class JobPlan:
     budget_bytes: int | None
     offload: str
     segments_per_call: int
+    decode_block: int
     disk_bytes: int
 
     def to_json(self) -> str:
@@ -71,6 +71,8 @@ def plan_job(
     schedule = plan_schedule(frames, settings.schedule)
     if offload == "auto":
         offload = "none" if budget_bytes is None else estimate.offload_mode(budget_bytes)
+    block = DECODE_BLOCK_FRAMES if budget_bytes is None else estimate.decode_block(budget_bytes, offload)
+    estimate = estimate.with_decode_block(block)
     per_call = settings.segments_per_call
     if per_call is None:
         per_call = (
@@ -89,7 +91,7 @@ def plan_job(
         "keyframe": len(schedule.batches) * settings.steps_per_sample,
         "interpolation": segment_calls * settings.segment_steps_per_sample,
         "autoguidance": segment_calls * settings.segment_steps_per_sample if guided else 0,
-        "decoder": math.ceil(schedule.n_output_frames / DECODE_BLOCK_FRAMES),
+        "decoder": math.ceil(schedule.n_output_frames / block),
     }
     c, h, w = (
         estimate.interpolation.latent_channels,
@@ -119,6 +121,7 @@ def plan_job(
         budget_bytes=budget_bytes,
         offload=offload,
         segments_per_call=per_call,
+        decode_block=block,
         disk_bytes=(len(schedule.batches) + len(schedule.segments)) * latent_file,
     )
 
@@ -165,8 +168,7 @@ def plan_from_arguments(args) -> JobPlan:
         interpolation,
         config_parameters(keyframe, interpolation, autoguidance=autoguidance),
         dtype.itemsize,
-        DECODE_BLOCK_FRAMES + 2,
-    )
+    ).with_decode_block(DECODE_BLOCK_FRAMES)
     if args.vram is not None:
         if not args.vram > 0:
             raise InputError(f"--vram {args.vram:g}: give the GPU memory in GB, e.g. --vram 12")
@@ -195,7 +197,8 @@ def format_plan(plan: JobPlan) -> str:
         f"keyframes  {plan.keyframes} in {plan.keyframe_batches} keyframe batches; {plan.segments} segments in "
         f"{plan.chunks} chunks",
         "network calls " + ", ".join(f"{name} {count}" for name, count in plan.calls.items()),
-        f"device     {plan.device}: offload {plan.offload}, segments per call {plan.segments_per_call}"
+        f"device     {plan.device}: offload {plan.offload}, segments per call {plan.segments_per_call}, "
+        f"frames per decoder call {plan.decode_block}"
         + (f" (free {_gib(plan.budget_bytes)})" if plan.budget_bytes is not None else ""),
         "memory per step (estimate)      weights   activations          peak",
     ]

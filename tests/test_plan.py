@@ -20,10 +20,16 @@ from keyface.config import StageConfig
 from keyface.demo import write_demo_inputs
 from keyface.errors import InputError
 from keyface.loading import find_model_files, load_models
-from keyface.memory import MEMORY_MARGIN, OFFICIAL_PARAMETERS, MemoryEstimate, config_parameters, meta_parameters
+from keyface.memory import (
+    DECODE_BLOCK_FRAMES,
+    MEMORY_MARGIN,
+    OFFICIAL_PARAMETERS,
+    MemoryEstimate,
+    config_parameters,
+    meta_parameters,
+)
 from keyface.models.bundle import Residency
 from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
-from keyface.plan import DECODE_BLOCK_FRAMES
 from keyface.progress import ESTIMATE, ProgressEvent, cpu_estimate_event, terminal_progress_bar
 from keyface.schedule import plan_schedule
 from keyface.video import FrameListSink
@@ -46,7 +52,7 @@ def official_estimate(dtype_bytes: int = 2) -> MemoryEstimate:
     """The estimate ``plan`` makes for the official models (decoder calls of a block of 13 frames + 2 shared)."""
     keyframe, interpolation = StageConfig.official("keyframe"), StageConfig.official("interpolation")
     parameters = config_parameters(keyframe, interpolation)
-    return MemoryEstimate(keyframe, interpolation, parameters, dtype_bytes, DECODE_BLOCK_FRAMES + 2)
+    return MemoryEstimate(keyframe, interpolation, parameters, dtype_bytes).with_decode_block(DECODE_BLOCK_FRAMES)
 
 
 def conditioning_for(models, frames: int) -> Conditioning:
@@ -129,11 +135,52 @@ def test_auto_for_loaded_models_uses_the_given_budget_and_the_cpu_fallback(loade
 
 def test_the_offload_choice_follows_the_free_memory():
     estimate = official_estimate()
+    smallest = estimate.with_decode_block(1)  # the decode block shrinks to fit, so it does not force an offload
     assert estimate.offload_mode(None) == "none"
     assert estimate.offload_mode(1000 * GB) == "none"
-    assert estimate.offload_mode(round(estimate.peak("stage") / (1 - MEMORY_MARGIN)) + 1) == "stage"
+    assert estimate.offload_mode(round(smallest.peak("stage") / (1 - MEMORY_MARGIN)) + 1) == "stage"
+    assert estimate.offload_mode(round(smallest.peak("stage") / (1 - MEMORY_MARGIN)) - 1) == "sequential"
     assert estimate.offload_mode(8 * GB) == "sequential"
     assert estimate.peak("none") > estimate.peak("stage") == estimate.peak("sequential")
+
+
+@pytest.mark.parametrize("budget_gb", [0.001, 4, 8, 12, 24, 80])
+def test_the_decode_block_fits_the_budget(budget_gb):
+    """Official sizes in fp32 VAE: the largest step at 13 frames per call (~17 GB) would force offloading on a
+    12 GB card; the decode block shrinks instead, 1 .. 13 frames, the most that fit."""
+    estimate = official_estimate()
+    budget = round(budget_gb * GB)
+    block = estimate.decode_block(budget, "stage")
+    assert 1 <= block <= DECODE_BLOCK_FRAMES
+    usable = budget * (1 - MEMORY_MARGIN)
+
+    def fits(frames: int) -> bool:
+        return estimate.weights("decode") + estimate.with_decode_block(frames).activations("decode") <= usable
+
+    if block > 1:
+        assert fits(block)
+    if block < DECODE_BLOCK_FRAMES and fits(1):
+        assert not fits(block + 1)
+    if budget_gb == 12:
+        assert 1 < block < DECODE_BLOCK_FRAMES
+    if budget_gb == 80:
+        assert block == DECODE_BLOCK_FRAMES
+
+
+def test_decoded_frames_do_not_depend_on_the_decode_block(loaded, tmp_path):
+    """The block only groups frames into decoder calls (the second run reads the latents back from the job
+    folder): the pictures are the same for any block size, up to float rounding."""
+    conditioning = conditioning_for(loaded, 29)
+    videos = {}
+    for block in (None, 4):
+        job = TalkingHeadJob(loaded, conditioning, GenerationSettings(segments_per_call=2), job_folder=tmp_path)
+        if block is not None:
+            job._decode_block = block
+        sink = FrameListSink()
+        job.run(sink)
+        videos[job.decode_block] = sink.stack().astype(int)
+    assert sorted(videos) == [4, DECODE_BLOCK_FRAMES]  # auto on a CPU: the full block
+    assert np.abs(videos[4] - videos[DECODE_BLOCK_FRAMES]).max() <= 1  # other CPU kernels per batch size
 
 
 def test_segments_per_call_auto_and_bad_values():
@@ -170,7 +217,7 @@ def test_place_models_installs_the_chosen_residency(loaded, monkeypatch):
     from keyface.generate import place_models
 
     models = dataclasses.replace(loaded)
-    estimate = MemoryEstimate.for_models(models)
+    estimate = MemoryEstimate.for_models(models).with_decode_block(1)  # what the offload choice assumes
     assert place_models(models, "cpu") == "none" and models.residency.mode == "none"
     assert place_models(models, "cuda", "stage") == "stage"  # given explicitly; nothing moves before a step
     assert (models.residency.device, models.residency.offload_device) == (torch.device("cuda"), torch.device("cpu"))
