@@ -21,6 +21,7 @@ from .common import (
     uint8_to_image,
 )
 from .handles import CROP, VIDEO
+from .job_folders import video_written
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,8 @@ class KeyFaceVideoCombine:
                     sink.write(image_to_uint8(frame))
                     progress.update(index + 1, total)
         logger.info("KeyFace: wrote %s (%d frames)", path, writer.frames_written)
+        if video is not None:
+            video_written(video)
         result = {"filename": path.name, "subfolder": subfolder, "type": "output"}
         return {"ui": {"images": [result], "animated": (True,)}}
 
