@@ -1,10 +1,10 @@
 """The sample inputs the example workflows name, put into ComfyUI's input folder when the pack loads.
 
-``workflows/inputs/`` holds a drawn portrait and 3 s of synthetic speech (both made from numbers by
-``workflows/make_sample_inputs.py``: no photo or recording of anyone). The long-form example's clip is made from
-the speech while installing (the short clip several times, with pauses), so the repository stays small. A file
-already in the input folder is never replaced (it may be the artist's own), and a folder that cannot be written
-costs one log line: the pack still loads.
+``workflows/inputs/`` holds the demo's drawn portrait and 3 s of its synthetic speech (both made from numbers
+by ``workflows/make_sample_inputs.py``: no photo or recording of anyone). The long clip of the emotion and
+long-form examples is made from the speech while installing (the short clip several times, with pauses), so
+the repository stays small. A file already in the input folder is never replaced (it may be the artist's own),
+and a folder that cannot be written costs one log line: the pack still loads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SAMPLES_FOLDER = Path(__file__).resolve().parent.parent / "workflows" / "inputs"
 SAMPLE_PORTRAIT = "keyface_sample_portrait.png"
 SAMPLE_SPEECH = "keyface_sample_speech.wav"
 SAMPLE_SPEECH_LONG = "keyface_sample_speech_long.wav"
-LONG_SPEECH_REPEATS = 5  # 5 x 3.1 s + pauses: 18 s, long enough for the emotion example's curve
+LONG_SPEECH_REPEATS = 5  # 5 x 3 s + pauses: 17.4 s, long enough for the emotion example's curve
 LONG_SPEECH_PAUSE = 0.6  # seconds of silence between the repeats
 
 

@@ -389,7 +389,7 @@ def comfyui(folders: dict):
         host.configure(models=None, input=None, output=None)
 
 
-# The examples on the 18 s sample clip (about 450 frames) take over 10 minutes each on a busy 2-core CPU (the
+# The examples on the 17 s sample clip (about 450 frames) take over 10 minutes each on a busy 2-core CPU (the
 # 3 s ones 1-2 minutes): they run with KEYFACE_SLOW_TESTS=1 (before a release, on a GPU machine); by default
 # they are only validated as shipped (test_api_workflow_validates_as_shipped).
 RUN_SLOW = os.environ.get("KEYFACE_SLOW_TESTS") == "1"
@@ -398,7 +398,7 @@ RUN_SLOW = os.environ.get("KEYFACE_SLOW_TESTS") == "1"
 def shipped(name: str):
     """``name`` as a test parameter, marked slow when the example reads the long sample clip."""
     long_clip = any(entry["inputs"].get("audio") == samples.SAMPLE_SPEECH_LONG for entry in load_api(name).values())
-    slow = pytest.mark.skipif(not RUN_SLOW, reason="SLOW: 18 s of sample audio; set KEYFACE_SLOW_TESTS=1 to run")
+    slow = pytest.mark.skipif(not RUN_SLOW, reason="SLOW: 17 s of sample audio; set KEYFACE_SLOW_TESTS=1 to run")
     return pytest.param(name, marks=[slow] if long_clip else [])
 
 
@@ -491,7 +491,7 @@ def test_sample_speech_is_speech_like():
     assert rate == 16000 and 2 <= len(sound) / rate <= 8
     window = rate // 25
     loudness = np.sqrt((sound[: len(sound) // window * window].reshape(-1, window) ** 2).mean(axis=1))
-    assert (loudness < 0.01).mean() > 0.15 and (loudness > 0.05).mean() > 0.4
+    assert (loudness < 0.01).mean() > 0.1 and (loudness > 0.05).mean() > 0.3
     windows = sound[: len(sound) // window * window].reshape(-1, window)[loudness > 0.05]
     lags = np.arange(rate // 400, rate // 80)  # pitch periods of 80-400 Hz
     pitch = [rate / lags[np.argmax([w[:-lag] @ w[lag:] for lag in lags])] for w in windows]

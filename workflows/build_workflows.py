@@ -352,7 +352,7 @@ GRAPHS = [
                 "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
                 "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
                 f"face back into the full portrait (crop input). Runs as shipped on the sample inputs `{PORTRAIT}` "
-                f"and `{SPEECH_LONG}` (18 s); **replace them** with your portrait in **Load Image** and your "
+                f"and `{SPEECH_LONG}` (17 s); **replace them** with your portrait in **Load Image** and your "
                 "recording in **KeyFace Load Audio**.",
             )
         ],
@@ -382,7 +382,7 @@ GRAPHS = [
                 f"**Needs an upscale model**: `{UPSCALE_MODEL}` in `models/upscale_models/`, from the Real-ESRGAN "
                 "releases on GitHub (xinntao/Real-ESRGAN, release v0.1.0). Or pick any 2x/4x model listed in "
                 "**Load Upscale Model**, or delete that node to write the frames at the model's 512 px.\n\n"
-                f"Runs on the sample inputs `{PORTRAIT}` and `{SPEECH_LONG}` (18 s); **replace them** with your "
+                f"Runs on the sample inputs `{PORTRAIT}` and `{SPEECH_LONG}` (17 s); **replace them** with your "
                 "portrait in **Load Image** and your long recording in **KeyFace Load Audio**.",
             )
         ],
