@@ -14,8 +14,11 @@ latents it was interpolated from: when a keyframe is replaced (an artist's edit)
 old one are recomputed rather than reused. Every file is written under a temporary name and renamed, so a file
 that exists is complete.
 
-Job folders without an explicit path live under :func:`default_jobs_root`, named by fingerprint, and the
-least recently used ones are deleted beyond a size cap (:func:`prune_jobs`).
+Job folders without an explicit path live under a jobs root (:func:`default_jobs_root`, or the host's: ComfyUI's
+user folder), named by fingerprint. Opening one marks it used (:meth:`JobFolder.touch`) and prunes the root: the
+least recently used job folders are deleted beyond a size cap (:func:`prune_jobs`), never the one being opened.
+A folder deleted while a job still uses it (pruned, or removed after its video was written) is set up again on
+the job's next save, so the job recomputes what it needs.
 """
 
 from __future__ import annotations
@@ -66,25 +69,37 @@ def fingerprint(description: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def prune_jobs(root: Path, max_bytes: int = DEFAULT_JOBS_MAX_BYTES, keep: Path | None = None) -> None:
-    """Delete the least recently used job folders under ``root`` until they total at most ``max_bytes``."""
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def prune_jobs(root: Path, max_bytes: int = DEFAULT_JOBS_MAX_BYTES, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used job folders under ``root`` until all of them total at most ``max_bytes``.
+
+    Last use is a folder's modification time, which :meth:`JobFolder.touch` sets on every open. ``keep`` (the
+    job in use) counts towards the total but is never deleted. Returns the deleted folders, least recent first.
+    """
+    root = Path(root)
     if not root.is_dir():
-        return
-    jobs = []
+        return []
+    keep = Path(keep).absolute() if keep is not None else None
+    jobs, total = [], 0
     for folder in root.iterdir():
-        if folder.is_dir() and folder != keep:
-            files = [p for p in folder.rglob("*") if p.is_file()]
-            used = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
-            jobs.append((used, sum(p.stat().st_size for p in files), folder))
-    total = sum(size for _, size, _ in jobs)
-    if keep is not None and keep.is_dir():
-        total += sum(p.stat().st_size for p in keep.rglob("*") if p.is_file())
-    for _, size, folder in sorted(jobs):
+        if not folder.is_dir():
+            continue
+        size = _folder_bytes(folder)
+        total += size
+        if folder.absolute() != keep:
+            jobs.append((folder.stat().st_mtime_ns, folder.name, size, folder))
+    removed = []
+    for _, _, size, folder in sorted(jobs):
         if total <= max_bytes:
             break
         shutil.rmtree(folder, ignore_errors=True)
         total -= size
-        logger.info("removed the old job folder %s (job cache over %d bytes)", folder, max_bytes)
+        removed.append(folder)
+        logger.info("removed the least recently used job folder %s (job folders over %d bytes)", folder, max_bytes)
+    return removed
 
 
 class JobFolder:
@@ -94,7 +109,8 @@ class JobFolder:
         path: the folder (created if missing); ``None``: ``<jobs root>/<keyframe fingerprint>``.
         keyframe_job: JSON-serialisable description of everything the keyframes depend on.
         segment_job: the same for what the segments depend on besides their two keyframes.
-        root: the jobs root for ``path=None`` (default :func:`default_jobs_root`), pruned to ``max_bytes``.
+        root: the jobs root for ``path=None`` (default :func:`default_jobs_root`), pruned to ``max_bytes`` on
+            every open.
     """
 
     def __init__(
@@ -114,15 +130,17 @@ class JobFolder:
             prune_jobs(jobs_root, max_bytes, keep=path)
         self.path = Path(path).expanduser().absolute()
         self.segments_path = self.path / f"segments-{self.segment_fingerprint}"
+        self._jobs = (keyframe_job, segment_job)
         try:
-            self._adopt(keyframe_job, segment_job)
+            self._adopt()
         except OSError as error:
             raise KeyFaceError(
                 f"cannot use the job folder {self.path}: {error.strerror or error}; choose a writable folder for "
                 "the job (it keeps finished work so that an interrupted run resumes)"
             ) from error
 
-    def _adopt(self, keyframe_job: dict, segment_job: dict) -> None:
+    def _adopt(self) -> None:
+        keyframe_job, segment_job = self._jobs
         manifest = self.path / _MANIFEST
         try:
             existing = json.loads(manifest.read_text()) if manifest.is_file() else None
@@ -150,6 +168,11 @@ class JobFolder:
             "segment_job": segment_job,
         }
         self._write_text(manifest, json.dumps(description, indent=1, sort_keys=True))
+        self.touch()
+
+    def touch(self) -> None:
+        """Mark the job used now: :func:`prune_jobs` deletes the least recently used job folders first."""
+        os.utime(self.path)
 
     def keyframes(self, batch: int) -> torch.Tensor | None:
         """Latents ``(14, C, h, w)`` of keyframe batch ``batch``, or None when not done yet."""
@@ -191,6 +214,8 @@ class JobFolder:
 
     def _save(self, path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> None:
         try:
+            if not (self.path / _MANIFEST).is_file():  # deleted meanwhile (pruned, or removed after the video)
+                self._adopt()
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise KeyFaceError(

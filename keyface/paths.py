@@ -1,7 +1,9 @@
 """Where KeyFace keeps its caches: ``$KEYFACE_CACHE_DIR`` if set, else ``~/.cache/keyface``.
 
 Below it: ``features/`` (audio features, :mod:`keyface.audio.cache`) and ``jobs/`` (resumable generation
-jobs, :mod:`keyface.jobs`). Both are capped in size, least recently used entries first out.
+jobs, :mod:`keyface.jobs`). Both are capped in size, least recently used entries first out. Inside ComfyUI the
+nodes keep their jobs in ComfyUI's user folder instead, unless ``$KEYFACE_CACHE_DIR`` is set
+(``nodes/job_folders.py``).
 """
 
 from __future__ import annotations

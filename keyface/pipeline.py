@@ -175,8 +175,10 @@ class TalkingHeadJob:
         conditioning: identity latent, audio features and emotion (:class:`Conditioning`).
         settings: :class:`GenerationSettings`.
         job_folder: where finished work is kept for resuming (see :mod:`keyface.jobs`); ``None``: a folder named
-            by the job's fingerprint under the KeyFace cache (``$KEYFACE_CACHE_DIR/jobs``), so that the same
-            inputs and settings resume wherever they are run from.
+            by the job's fingerprint under ``jobs_root``, so that the same inputs and settings resume wherever they
+            are run from.
+        jobs_root: the size-capped folder of fingerprint-named job folders (default: the KeyFace cache's,
+            ``$KEYFACE_CACHE_DIR/jobs``); ignored when ``job_folder`` is given.
         noise: a :class:`~keyface.noise.NoiseSource` for the schedule (default: seeded from the settings).
         progress: called with a :class:`ProgressEvent` after every sampler step and output frame; it may raise
             (e.g. :class:`~keyface.errors.Interrupted`) to stop the job, finished work stays in the job folder.
@@ -190,6 +192,7 @@ class TalkingHeadJob:
         settings: GenerationSettings = GenerationSettings(),
         *,
         job_folder: str | os.PathLike | None = None,
+        jobs_root: str | os.PathLike | None = None,
         noise: NoiseSource | None = None,
         progress: ProgressCallback | None = None,
         preview_keyframes: bool = False,
@@ -224,7 +227,7 @@ class TalkingHeadJob:
             "models": [models.files.get("interpolation", ""), models.files.get("autoguidance", "")],
             "noise": noise_id,
         }
-        self.folder = JobFolder(job_folder, keyframe_job, segment_job)
+        self.folder = JobFolder(job_folder, keyframe_job, segment_job, root=jobs_root)
         self._batches: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._segments: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._replaced: dict[int, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """KeyFace Keyframe Sampler (stage 1) and KeyFace Keyframe Interpolator (stage 2).
 
 Both run a :class:`keyface.pipeline.TalkingHeadJob` whose finished keyframe batches and segments live in a job
-folder under the KeyFace cache (``$KEYFACE_CACHE_DIR/jobs/<fingerprint>``, size-capped), so a cancelled run
+folder (ComfyUI's ``user/keyface/jobs/<fingerprint>``, size-capped; see :mod:`.job_folders`), so a cancelled run
 resumes where it stopped and nothing large is held in RAM. Between the two nodes an artist may edit keyframes.
 """
 
@@ -29,6 +29,7 @@ from .handles import (
     KeyframesHandle,
     VideoHandle,
 )
+from .job_folders import jobs_root
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,14 @@ class KeyFaceKeyframeSampler:
             conditioning = Conditioning(
                 models.encode_image(face), features.keyframe, features.interpolation, valence, arousal
             )
-            job = TalkingHeadJob(models, conditioning, settings, progress=progress.on_event, preview_keyframes=True)
+            job = TalkingHeadJob(
+                models,
+                conditioning,
+                settings,
+                jobs_root=jobs_root(),
+                progress=progress.on_event,
+                preview_keyframes=True,
+            )
             job.generate_keyframes()
             frames = [frame for frame, _ in job.keyframe_slots()]
             if keyframe_image_size == 0:
@@ -229,11 +237,29 @@ class KeyFaceKeyframeInterpolator:
                         "ones; leave unconnected to use the keyframes as generated."
                     },
                 ),
+                "keep_job_folder": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Keep the job folder (finished keyframes and in-between frames, in ComfyUI's "
+                        "user/keyface/jobs) after Video Combine has written the whole video, so a re-roll or "
+                        "another encode of this job skips the finished work. Off: it is deleted then.",
+                    },
+                ),
             },
         }
 
     @node_function(INTERPOLATOR_WIDGETS)
-    def interpolate(self, keyframes, seed, steps, autoguidance_scale, segments_per_call, edited_keyframes=None):
+    def interpolate(
+        self,
+        keyframes,
+        seed,
+        steps,
+        autoguidance_scale,
+        segments_per_call,
+        edited_keyframes=None,
+        keep_job_folder=False,
+    ):
         check_widgets(type(self), locals())
         if keyframes is None:
             raise InputError("keyframes: connect the keyframes output of KeyFace Keyframe Sampler")
@@ -250,7 +276,10 @@ class KeyFaceKeyframeInterpolator:
                 apply_edits(job, keyframes, edited_keyframes)
             with reporting(job, progress):
                 job.interpolate()
-        return (VideoHandle(job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS),)
+        handle = VideoHandle(
+            job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
+        )
+        return (handle,)
 
 
 def apply_edits(job, keyframes: KeyframesHandle, edited) -> list[int]:

@@ -225,12 +225,14 @@ class KeyframesHandle:
 
 @dataclass
 class VideoHandle:
-    """Stage 2 done: ``job`` streams the frames (``job.frames(start, stop)``), decoding them on demand."""
+    """Stage 2 done: ``job`` streams the frames (``job.frames(start, stop)``), decoding them on demand.
+    ``keep_job_folder``: keep the job folder after Video Combine has written the whole video (else deleted)."""
 
     job: TalkingHeadJob
     bundle: ModelBundle
     clip: AudioClip
     fps: int
+    keep_job_folder: bool = False
 
     def __repr__(self) -> str:
         return f"VideoHandle({self.num_frames} frames at {self.fps} fps, {self.size} px, {self.bundle!r})"

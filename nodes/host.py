@@ -136,6 +136,13 @@ def output_dir() -> Path:
     return Path(folder_paths.get_output_directory()) if folder_paths else _fallback("output")
 
 
+def user_dir() -> Path | None:
+    """ComfyUI's user folder (``--user-directory``; kept across restarts, unlike its temp folder), or None
+    outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    return Path(folder_paths.get_user_directory()) if folder_paths else None
+
+
 def input_media_files() -> list[str]:
     """Audio and video files in the input folder (top level), sorted."""
     folder = input_dir()

@@ -23,6 +23,7 @@ from .common import (
     widget_problem,
 )
 from .handles import CROP, VIDEO
+from .job_folders import video_written
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class KeyFaceVideoCombine:
                     sink.write(image_to_uint8(frame))
                     progress.update(index + 1, total)
         logger.info("KeyFace: wrote %s (%d frames)", path, writer.frames_written)
+        if video is not None:
+            video_written(video)
         result = {"filename": path.name, "subfolder": subfolder, "type": "output"}
         return {"ui": {"images": [result], "animated": (True,)}}
 

@@ -21,8 +21,23 @@ ROOT = Path(__file__).resolve().parent
 PACK_ROOT = ROOT.parent
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_CONTROL = "fixed"  # the same seed on every run: the job folder resumes and results repeat
-SPEECH = "speech.wav"
-PORTRAIT = "portrait.png"
+
+
+def load_pack():
+    spec = importlib.util.spec_from_file_location(
+        "keyface_pack", PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["keyface_pack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PACK = load_pack()
+# The sample inputs the pack puts into ComfyUI's input folder, so that every example runs as shipped.
+SAMPLES = importlib.import_module(f"{PACK.__name__}.nodes.samples")
+PORTRAIT, SPEECH, SPEECH_LONG = SAMPLES.SAMPLE_PORTRAIT, SAMPLES.SAMPLE_SPEECH, SAMPLES.SAMPLE_SPEECH_LONG
+UPSCALE_MODEL = "RealESRGAN_x4plus.pth"  # the long-form example's: the one file a user must add
 
 # The core nodes the examples use: inputs in order (name, kind, default) and outputs (ComfyUI 0.3.64).
 CORE_NODES = {
@@ -47,7 +62,7 @@ CORE_NODES = {
         "outputs": [("IMAGE", "IMAGE")],
     },
     "UpscaleModelLoader": {
-        "inputs": [("model_name", "COMBO", "RealESRGAN_x4plus.safetensors")],
+        "inputs": [("model_name", "COMBO", UPSCALE_MODEL)],
         "outputs": [("UPSCALE_MODEL", "UPSCALE_MODEL")],
     },
 }
@@ -60,16 +75,6 @@ CORE_TITLES = {
     "UpscaleModelLoader": "Load Upscale Model",
 }
 NOTE = "MarkdownNote"  # a frontend-only node: in the UI file, not in the API file
-
-
-def load_pack():
-    spec = importlib.util.spec_from_file_location(
-        "keyface_pack", PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["keyface_pack"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -314,16 +319,18 @@ GRAPHS = [
             note(
                 20,
                 (0, -280),
-                "## KeyFace: portrait + speech\n\nPut a portrait (`portrait.png`) and a speech "
-                "recording (`speech.wav`) into ComfyUI's input folder, or pick your own files in **Load Image** and "
-                "**KeyFace Load Audio**. The weights go into `models/keyface/` (see KeyFace Model Loader's help). "
-                "The video is written to `output/video/` and plays in **KeyFace Video Combine**.",
+                "## KeyFace: portrait + speech\n\nRuns as shipped on the pack's sample inputs (put into ComfyUI's "
+                f"input folder when the pack loads): a drawn portrait, `{PORTRAIT}`, and synthetic speech, "
+                f"`{SPEECH}`. **Replace them with your own**: a portrait in **Load Image** and a recording (or a "
+                "video's sound) in **KeyFace Load Audio**, both with their upload buttons. The weights go into "
+                "`models/keyface/` (see KeyFace Model Loader's help). The video is written to `output/video/` and "
+                "plays in **KeyFace Video Combine**.",
             )
         ],
     ),
     Graph(
         "keyface_emotion_curve",
-        base_nodes()
+        base_nodes(SPEECH_LONG)
         + [
             Node(9, "KeyFaceEmotionCurve", (360, 680), (440, 360), {"emotion": EMOTION_CURVE, "duration": 19.2}),
             Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200)),
@@ -344,13 +351,15 @@ GRAPHS = [
                 "## Emotion across the clip\n\nThe curve goes from neutral to happy (4-10 s) to sad "
                 "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
                 "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
-                "face back into the full portrait (crop input).",
+                f"face back into the full portrait (crop input). Runs as shipped on the sample inputs `{PORTRAIT}` "
+                f"and `{SPEECH_LONG}` (17 s); **replace them** with your portrait in **Load Image** and your "
+                "recording in **KeyFace Load Audio**.",
             )
         ],
     ),
     Graph(
         "keyface_long_form_upscaled",
-        base_nodes("speech_long.wav", {"keyframe_image_size": 0})
+        base_nodes(SPEECH_LONG, {"keyframe_image_size": 0})
         + [
             Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200), {"segments_per_call": 4}),
             Node(10, "UpscaleModelLoader", (1060, 380), (320, 60)),
@@ -366,11 +375,16 @@ GRAPHS = [
             note(
                 20,
                 (0, -280),
-                "## Long form, upscaled\n\nFor minutes or hours of speech (`speech_long.wav`): the "
-                "keyframes are not decoded for preview (keyframe_image_size 0), four segments go through the "
-                "network per call, and **KeyFace Video Combine** upscales every frame with the upscale model "
-                "(e.g. `RealESRGAN_x4plus.safetensors` in `models/upscale_models/`) while it writes the mp4, so "
-                "memory stays flat. After Cancel, queue again: finished work resumes from the job folder.",
+                "## Long form, upscaled\n\nFor minutes or hours of speech: the keyframes are not decoded for "
+                "preview (keyframe_image_size 0), four segments go through the network per call, and **KeyFace "
+                "Video Combine** upscales every frame with the upscale model while it writes the mp4, so memory "
+                "stays flat. After Cancel, queue again: finished work resumes from the job folder (deleted once "
+                "the video is written; turn on keep_job_folder in the Keyframe Interpolator to keep it).\n\n"
+                f"**Needs an upscale model**: `{UPSCALE_MODEL}` in `models/upscale_models/`, from the Real-ESRGAN "
+                "releases on GitHub (xinntao/Real-ESRGAN, release v0.1.0). Or pick any 2x/4x model listed in "
+                "**Load Upscale Model**, or delete that node to write the frames at the model's 512 px.\n\n"
+                f"Runs on the sample inputs `{PORTRAIT}` and `{SPEECH_LONG}` (17 s); **replace them** with your "
+                "portrait in **Load Image** and your long recording in **KeyFace Load Audio**.",
             )
         ],
     ),
@@ -410,7 +424,8 @@ GRAPHS = [
                 "put back in place; the interpolator replaces the keyframes that changed and the motion follows. "
                 "Replace **Image Sharpen** with any edit (or save the keyframes, retouch them in an image editor and "
                 "load them back), keeping the number and order of the images. Needs audio of at least three "
-                "keyframes (1.1 s).",
+                f"keyframes (1.1 s). Runs on the sample inputs `{PORTRAIT}` and `{SPEECH}`; **replace them** with "
+                "your portrait in **Load Image** and your recording in **KeyFace Load Audio**.",
             )
         ],
     ),
@@ -418,9 +433,8 @@ GRAPHS = [
 
 
 def main() -> None:
-    pack = load_pack()
-    nodes = pack.NODE_CLASS_MAPPINGS
-    titles = {**CORE_TITLES, **pack.NODE_DISPLAY_NAME_MAPPINGS}
+    nodes = PACK.NODE_CLASS_MAPPINGS
+    titles = {**CORE_TITLES, **PACK.NODE_DISPLAY_NAME_MAPPINGS}
     (ROOT / "api").mkdir(exist_ok=True)
     for graph in GRAPHS:
         (ROOT / f"{graph.name}.json").write_text(json.dumps(ui_workflow(graph, nodes), indent=1) + "\n")
