@@ -25,7 +25,7 @@ from keyface.config import StageConfig
 from keyface.models.unet import KeyFaceUNet
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# A mid-schedule AYS noise level (spec §5.2); the cost of a forward does not depend on it.
+# A mid-schedule AYS noise level (docs/sampler.md#noise-levels); the cost of a forward does not depend on it.
 MID_SCHEDULE_SIGMA = 4.248
 
 

@@ -1,7 +1,7 @@
 """Sizes and hyper-parameters of the KeyFace networks, as frozen dataclasses.
 
 Every size used by the models lives here; nothing else in the library hard-codes a width. The defaults are
-the official full-size configuration (spec §1.1, §4, §10). A configuration comes from one of:
+the official full-size configuration (docs/models.md). A configuration comes from one of:
 
 * the defaults / :meth:`StageConfig.official` (the released KeyFace checkpoints);
 * a fixture set's ``config.json`` (format ``keyface-fixture-config-v1``): :meth:`StageConfig.from_fixture_config`;
@@ -24,7 +24,7 @@ from .errors import InputError
 StageKind = Literal["keyframe", "interpolation"]
 STAGE_KINDS: tuple[str, ...] = ("keyframe", "interpolation")
 
-# SVD VAE latent scale: sampler-space latent = VAE latent * 0.18215 (spec §4, `scale_factor`).
+# SVD VAE latent scale: sampler-space latent = VAE latent * 0.18215 (docs/models.md#latents, `scale_factor`).
 VAE_SCALE_FACTOR = 0.18215
 
 STAGE_CONFIG_FORMAT = "keyface-stage-config-v1"
@@ -149,7 +149,8 @@ class _VAEPartConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig(_VAEPartConfig):
-    """The SVD temporal VAE decoder (diffusers ``TemporalDecoder``) stored in each engine checkpoint (spec §4)."""
+    """The SVD temporal VAE decoder (diffusers ``TemporalDecoder``) stored in each engine checkpoint
+    (docs/models.md#vae)."""
 
     out_channels: int = 3
 
@@ -197,7 +198,7 @@ class StageConfig:
 
     @classmethod
     def official(cls, kind: StageKind = "keyframe") -> StageConfig:
-        """The released KeyFace configuration of ``kind`` (spec §1.1)."""
+        """The released KeyFace configuration of ``kind`` (docs/models.md#unet)."""
         if kind == "interpolation":
             return cls(kind="interpolation", unet=UNetConfig(in_channels=9, emotion_embedding_dim=0))
         return cls(kind=kind)

@@ -8,8 +8,8 @@ mp4 with the audio, in about a minute on a laptop CPU. The picture is noise, bec
 it shows the machinery, not the model. Tests, benchmarks and workflows use the same folder, so they need no
 fixture set.
 
-Sizes are those of the golden fixture set ``keyface-tiny-v1`` (spec §10), all in :class:`TinySizes`. Weights
-follow the fixture set's recipe so that activations stay O(1) and the output is visible noise, not a constant
+Sizes are those of the golden fixture set ``keyface-tiny-v1`` (docs/models.md#tiny-sizes), all in :class:`TinySizes`.
+Weights follow the fixture set's recipe so that activations stay O(1) and the output is visible noise, not a constant
 (see :func:`randomise_`).
 """
 
@@ -36,7 +36,7 @@ DEMO_WEIGHTS_FORMAT = f"{DEMO_WEIGHTS_FAMILY}-v2"
 DEMO_WEIGHTS_FOLDER = "demo-weights"  # under keyface.paths.default_cache_root()
 MARKER_FILE = "keyface_demo.json"  # written last: a folder holding it with the same content is complete
 
-# The demo's speech: 16 kHz mono, as the encoders want it (spec §3.1).
+# The demo's speech: 16 kHz mono, as the encoders want it (docs/audio.md#frames-and-sub-frames).
 DEMO_SAMPLE_RATE = 16_000
 DEMO_AUDIO_PEAK = 0.5
 
@@ -64,7 +64,7 @@ WEIGHT_NORM_PAIRS = (("weight_g", "weight_v"), ("original0", "original1"))  # (m
 
 @dataclass(frozen=True)
 class TinySizes:
-    """Every size of the demo networks: those of the fixture set ``keyface-tiny-v1`` (spec §10)."""
+    """Every size of the demo networks: those of the fixture set ``keyface-tiny-v1`` (docs/models.md#tiny-sizes)."""
 
     unet_widths: tuple[int, ...] = (32, 64)
     unet_res_blocks: int = 1

@@ -1,4 +1,5 @@
-"""Emotion input: (valence, arousal) per 25-fps frame, from a name, a timed list, a curve or JSON (spec §3.2).
+"""Emotion input: (valence, arousal) per 25-fps frame, from a name, a timed list, a curve or JSON
+(docs/audio.md#emotion).
 
 KeyFace conditions its keyframes on two scalars in [-1, 1] per frame. They are given, never predicted:
 
@@ -35,9 +36,10 @@ from .errors import InputError
 
 EMOTION_FORMAT = "keyface-emotion-v1"
 INTERPOLATIONS = ("linear", "smooth")
-REFERENCE_ACCENTUATE = 1.5  # spec §3.2: create_emotion_list's accentuate factor (applied twice there)
+# docs/audio.md#reference-emotion-lists: create_emotion_list's accentuate factor (applied twice there)
+REFERENCE_ACCENTUATE = 1.5
 
-# spec §3.2: the original's fixed (valence, arousal) of each emotion name
+# docs/audio.md#emotion: the original's fixed (valence, arousal) of each emotion name
 EMOTIONS: dict[str, tuple[float, float]] = {
     "happy": (0.85, 0.75),
     "angry": (-0.443, 0.908),
@@ -239,7 +241,8 @@ def parse_emotion(value: Any, interpolation: str | None = None, accentuate: floa
 def reference_emotion_frames(
     states: list[str], num_frames: int, accentuate: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The original ``create_emotion_list(states, T)`` (spec §3.2) -> valence and arousal, float64.
+    """The original ``create_emotion_list(states, T)`` (docs/audio.md#reference-emotion-lists) -> valence and arousal,
+    float64.
 
     One state: constant arrays of length ``T + 2``. Several: linear ramps (numpy ``linspace``, both ends
     included) of ``T // (n - 1)`` frames between consecutive states, concatenated and cut to ``T``. Where

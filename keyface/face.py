@@ -1,6 +1,6 @@
 """Face-aware identity input: find the face, cut the square the model animates, paste the result back.
 
-KeyFace animates square face crops (spec §4, §9 item 12). :func:`crop_face` finds the face in any portrait
+KeyFace animates square face crops (docs/models.md#identity-image). :func:`crop_face` finds the face in any portrait
 (half-body shots, 4:3 / 9:16 frames, paintings), cuts a square around it with a margin and resizes it to
 the model resolution; :class:`PasteBack` puts each generated frame back into the full picture with a
 feathered edge, one frame at a time, so it can run inside a video sink (``MapSink(PasteBack(...), writer)``).

@@ -1,6 +1,6 @@
 """The identity picture: load it from any common source and cut the square the model animates.
 
-KeyFace animates a square face crop at the model resolution (512 px; spec §4, §9 item 12: the original
+KeyFace animates a square face crop at the model resolution (512 px; docs/models.md#identity-image: the original
 stretches whatever it gets to 512x512, so it must be given a square). This module turns a file, an array,
 a tensor or a ComfyUI ``IMAGE`` into uint8 RGB (height, width, 3), and cuts a square from it, centred or
 at an explicit box, together with the :class:`CropInfo` that paste-back needs. Mapping the square to the
@@ -233,8 +233,8 @@ def cut_box(image: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
 def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize uint8 (h, w, 3) to (height, width, 3): bilinear, ``align_corners=False``, antialiased when shrinking.
 
-    Enlarging is exactly the original's resize (spec §4: bilinear, align_corners=False, no antialias);
-    shrinking a large photo with that filter would alias, so the same bilinear kernel is widened
+    Enlarging is exactly the original's resize (docs/models.md#identity-image: bilinear, align_corners=False, no
+    antialias); shrinking a large photo with that filter would alias, so the same bilinear kernel is widened
     (``antialias=True``, like the antialiased resize the training data got). Same size returns the input.
     """
     import torch

@@ -124,7 +124,8 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load both stages, the autoguidance network and the VAE parts onto ``device``.
 
-    The networks are cast to ``dtype``; the VAE encoder and decoders stay float32 (spec §4, §9.1).
+    The networks are cast to ``dtype``; the VAE encoder and decoders stay float32 (docs/models.md#vae;
+    docs/sampler.md#precision).
     """
     from .checkpoints import (
         load_autoguidance_network,

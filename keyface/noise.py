@@ -1,4 +1,4 @@
-"""Where the pipeline's initial noise comes from, in the original's draw order (spec §6.4).
+"""Where the pipeline's initial noise comes from, in the original's draw order (docs/schedule.md#noise-draws).
 
 The original seeds once per video and then draws, per chunk: for every keyframe batch a ``(1, C, h, w)`` tensor
 (``randn_like`` of the identity latent, multiplied by ``cond_aug = 0`` and so without effect) and the batch's
@@ -20,7 +20,7 @@ import torch
 from .errors import InputError
 from .schedule import Schedule
 
-# `torch.manual_seed(23)` of the original pipeline (spec §6 defaults, `seed 23`).
+# `torch.manual_seed(23)` of the original pipeline (docs/schedule.md#noise-draws).
 DEFAULT_SEED = 23
 
 

@@ -54,7 +54,8 @@ from .video import FrameSink, to_uint8
 logger = logging.getLogger(__name__)
 
 # Segments interpolated per network call where "auto" has no device memory to fit (a CPU): the original's
-# `chunk_size = 2 * 14` frames (spec §5.5); on a CPU larger calls are not faster and resume at coarser steps.
+# `chunk_size = 2 * 14` frames (docs/sampler.md#interpolation-guidance); on a CPU larger calls are not faster and resume
+# at coarser steps.
 DEFAULT_SEGMENTS_PER_CALL = 2
 AUTO = "auto"
 # Latents kept in memory besides the job folder (a chunk holds 2 batches and up to 27 segments).
@@ -66,7 +67,8 @@ _KEYFRAME_PASSES = KEYFRAME_GUIDANCE_BRANCHES * FRAMES_PER_CLIP
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to sample: steps, guidance, seed, schedule, batching. Defaults are the original's (spec §5, §6)."""
+    """How to sample: steps, guidance, seed, schedule, batching. Defaults are the original's (docs/sampler.md#defaults;
+    docs/schedule.md#defaults)."""
 
     num_steps: int = DEFAULT_NUM_STEPS
     audio_scale: float = KEYFRAME_AUDIO_SCALE
@@ -288,7 +290,7 @@ class TalkingHeadJob:
     @property
     def decode_block(self) -> int:
         """Output frames per VAE decoder call: at most 13, fewer when the free device memory needs it
-        (:func:`keyface.memory.auto_decode_block`); each frame is decoded alone either way (spec §9.6)."""
+        (:func:`keyface.memory.auto_decode_block`); each frame is decoded alone either way (docs/models.md#vae)."""
         if self._decode_block is None:
             self._decode_block = auto_decode_block(self.models)
         return self._decode_block

@@ -1,4 +1,4 @@
-"""Sampling: AYS noise levels, the Euler EDM sampler and the two guidance rules (spec §5.2-§5.5).
+"""Sampling: AYS noise levels, the Euler EDM sampler and the two guidance rules (docs/sampler.md).
 
 Latents are ``(clips * frames, latent_channels, h, w)`` in sampler space, frames flattened clip-major. Sampler
 arithmetic is float32 whatever dtype the networks run in. Noise is always an argument (the original draws it
@@ -20,14 +20,15 @@ from .models.conditioning import InterpolationConditioning, KeyframeConditioning
 if TYPE_CHECKING:  # the stage modules import diffusers; keep `import keyface.sampling` light
     from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
 
-# `AYSDiscretization` base noise levels (spec §5.2), highest first.
+# `AYSDiscretization` base noise levels (docs/sampler.md#noise-levels), highest first.
 AYS_BASE_SIGMAS = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
-# The configs' `num_steps: 10`, which means 11 Euler steps over the 11 base levels (spec §5.2, §9.10).
+# The configs' `num_steps: 10`, which means 11 Euler steps over the 11 base levels (docs/sampler.md#noise-levels,
+# #steps).
 DEFAULT_NUM_STEPS = 10
-# `AudioRefMultiCondGuider(audio_ratio=5.0, ref_ratio=2.0)` (spec §5.4).
+# `AudioRefMultiCondGuider(audio_ratio=5.0, ref_ratio=2.0)` (docs/sampler.md#keyframe-guidance).
 KEYFRAME_AUDIO_SCALE = 5.0
 KEYFRAME_IDENTITY_SCALE = 2.0
-# `KarrasGuider(scale=2.0)` autoguidance of the interpolation stage (spec §5.5).
+# `KarrasGuider(scale=2.0)` autoguidance of the interpolation stage (docs/sampler.md#interpolation-guidance).
 AUTOGUIDANCE_SCALE = 2.0
 
 StepCallback = Callable[[int, int], None]
@@ -35,7 +36,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ays_sigmas(num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
-    """Noise levels of the sampler, float32, highest first, ending with 0 (spec §5.2).
+    """Noise levels of the sampler, float32, highest first, ending with 0 (docs/sampler.md#noise-levels).
 
     ``num_steps == 10`` gives the 11 base levels (11 Euler steps); ``num_steps > 10`` interpolates the base
     levels log-linearly to ``num_steps`` levels (``num_steps`` Euler steps). Fewer than 10 is refused, as in the
@@ -59,7 +60,7 @@ def ays_sigmas(num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:
 def sample_euler(
     denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None
 ) -> torch.Tensor:
-    """Deterministic Euler EDM sampler (``s_churn = 0``, spec §5.3).
+    """Deterministic Euler EDM sampler (``s_churn = 0``, docs/sampler.md#euler-sampler).
 
     Args:
         denoise: ``denoise(x, sigma)`` -> denoised estimate, ``x`` ``(n, C, h, w)``, ``sigma`` ``(n,)``.
@@ -84,7 +85,8 @@ def sample_euler(
 
 @dataclass
 class KeyframeBranches:
-    """The three denoised branches of keyframe guidance, each ``(clips * frames, C, h, w)`` (spec §5.4)."""
+    """The three denoised branches of keyframe guidance, each ``(clips * frames, C, h, w)``
+    (docs/sampler.md#keyframe-guidance)."""
 
     uncond: torch.Tensor  # no audio, no identity
     identity: torch.Tensor  # identity only
@@ -120,7 +122,8 @@ class KeyframeGuidance:
 
 
 class Autoguidance:
-    """Interpolation guidance ``bad + scale * (good - bad)`` with a weaker "bad" network (spec §5.5).
+    """Interpolation guidance ``bad + scale * (good - bad)`` with a weaker "bad" network
+    (docs/sampler.md#interpolation-guidance).
 
     All segments go through each network in one call. ``bad_network=None`` or ``scale == 1`` is the plain main
     network (one call per step).

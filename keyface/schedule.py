@@ -1,4 +1,4 @@
-"""The plan of a long video: which keyframes, segments and chunks the two-stage pipeline runs (spec §6).
+"""The plan of a long video: which keyframes, segments and chunks the two-stage pipeline runs (docs/schedule.md#terms).
 
 Stage 1 generates keyframe latents in *keyframe batches* of ``frames_per_clip`` (14) slots, one network call
 per batch. Stage 2 interpolates *segments* of 14 consecutive 25-fps frames between two keyframe latents
@@ -13,9 +13,10 @@ the two schedules:
 * ``"aligned"`` (default, our fix): keyframes at frames 0, 13, 26, ... fed by the audio and emotion of their
   own frame; segment ``j`` is conditioned on the audio of its own frames ``13j .. 13j + 13``; a shared frame is
   the mean of both segments' frames, also across chunks; the output has exactly one frame per input frame.
-* ``"reference"``: the original ``full_pipeline.sample()`` index arithmetic, quirks included (spec §6.1, §6.3):
-  keyframes lagging the audio by one segment after a dummy slot, lost or shifted tails, the first frame of a
-  chunk replacing the last frame of the previous one, the 45-s limit. For parity checks and old results.
+* ``"reference"``: the original ``full_pipeline.sample()`` index arithmetic, quirks included
+  (docs/schedule.md#reference-schedule, #quirks): keyframes lagging the audio by one segment after a dummy slot, lost or
+  shifted tails, the first frame of a chunk replacing the last frame of the previous one, the 45-s limit. For parity
+  checks and old results.
 
 Everything here is plain Python and cheap: one hour of video (90,000 frames) plans in a fraction of a second.
 Frame indices are 25-fps frame numbers counted from the start of the audio.
@@ -31,10 +32,11 @@ from dataclasses import dataclass, replace
 from .constants import FRAMES_PER_CLIP, VIDEO_FPS
 from .errors import InputError
 
-SEGMENT_OVERLAP = 1  # spec §6: overlap 1 - consecutive segments share their boundary keyframe
+SEGMENT_OVERLAP = 1  # docs/schedule.md#defaults: overlap 1 - consecutive segments share their boundary keyframe
 MIN_FRAMES_PER_CLIP = 3  # two keyframes and at least one frame between them
-BATCHES_PER_CHUNK = 2  # spec §6: chunk_size is overwritten to 2 inside sample() (about 13.5 s per chunk)
-REFERENCE_MAX_FRAMES = 45 * VIDEO_FPS  # spec §6: compute_until 45 (seconds) in scripts/inference.sh
+# docs/schedule.md#defaults: chunk_size is overwritten to 2 inside sample() (about 13.5 s per chunk)
+BATCHES_PER_CHUNK = 2
+REFERENCE_MAX_FRAMES = 45 * VIDEO_FPS  # docs/schedule.md#defaults: compute_until 45 (seconds) in scripts/inference.sh
 
 ALIGNED = "aligned"
 REFERENCE = "reference"
@@ -124,7 +126,7 @@ class OutputFrame:
 class Chunk:
     """One unit of work, run in this order: the keyframe batches (per batch one noise draw for the discarded
     ``cond_aug`` term and one of ``(14, 4, h, w)``), then all segments at once (one noise draw of
-    ``(14 * len(segments), 4, h, w)``), spec §6.4.
+    ``(14 * len(segments), 4, h, w)``), docs/schedule.md#noise-draws.
 
     ``keyframe_chain``: slot ids of the latents handed to the interpolation stage, in order; segment ``i`` of the
     chunk runs from ``chain[i]`` to ``chain[i + 1]``. (Reference mode only: the chain can be longer, the original
@@ -319,7 +321,8 @@ def _plan_aligned(n_frames: int, clip: int, batches_per_chunk: int) -> _Plan:
 
 
 def _plan_reference(n_frames: int, clip: int, batches_per_chunk: int) -> _Plan:
-    """The original's arithmetic (spec §6.1); comments name the quirks of spec §6.3."""
+    """The original's arithmetic (docs/schedule.md#reference-schedule); comments name the quirks of
+    docs/schedule.md#quirks."""
     stride = clip - SEGMENT_OVERLAP
     n_keyframes = (n_frames - clip) // stride + 2
     # Planned segments: (first frame, last frame) and audio (first frame, number of frames, then repeat the last).

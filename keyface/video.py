@@ -3,8 +3,8 @@
 Frames reach a sink one at a time, in order, as **uint8 RGB arrays of shape (height, width, 3)**
 (:func:`keyface.media.check_frame`): that is the one frame type every :class:`FrameSink` accepts. The
 pipeline makes float frames in [0, 1] with layout (3, height, width); :func:`to_uint8` converts them the way
-the original code does (truncation of x * 255, spec §9 item 8), once, at the boundary. Reading media files
-back and writing stills live in :mod:`keyface.media`.
+the original code does (truncation of x * 255, docs/schedule.md#output-assembly), once, at the boundary. Reading media
+files back and writing stills live in :mod:`keyface.media`.
 
 A sink is used as a context manager: leaving the block normally finishes it (``close``), an exception or
 Ctrl-C discards it (``abort``)::
@@ -54,7 +54,8 @@ CHANNEL_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1
 
 
 def to_uint8(frames: Any) -> np.ndarray:
-    """Convert float pixels in [0, 1] to uint8 RGB, channels last, by truncation like the original (spec §9.8).
+    """Convert float pixels in [0, 1] to uint8 RGB, channels last, by truncation like the original
+    (docs/schedule.md#output-assembly).
 
     Args:
         frames: a torch tensor or numpy array, float, layout (3, height, width) for one frame or

@@ -323,7 +323,7 @@ def test_missing_and_unexpected_tensors_are_reported(fixture_set, tmp_path, capl
 
 # ---- writing checkpoints: the inverse key mapping ------------------------------------------------------------
 
-# Spec §7: 1,428 UNet tensors per stage, 266 VAE decoder tensors.
+# docs/checkpoints.md#key-layout: 1,428 UNet tensors per stage, 266 VAE decoder tensors.
 OFFICIAL_UNET_TENSORS = 1428
 OFFICIAL_DECODER_TENSORS = 266
 

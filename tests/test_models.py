@@ -55,7 +55,7 @@ def test_official_unet_has_the_original_parameter_count(kind, parameters):
     with torch.device("meta"):
         unet = KeyFaceUNet.from_unet_config(StageConfig.official(kind).unet)
     state = unet.state_dict()
-    assert len(state) == 1428  # spec §1.1: 1 428 tensors, bijective with the original
+    assert len(state) == 1428  # docs/models.md#unet: 1 428 tensors, bijective with the original
     assert round(sum(t.numel() for t in state.values()) / 1e4) * 1e4 == pytest.approx(parameters)
 
 

@@ -58,7 +58,7 @@ def random_conditioning(models, frames: int, seed: int = 0) -> Conditioning:
 
 
 def test_seeded_noise_is_the_original_draw_order(fixture_set):
-    """Seed 23 on a CPU generator gives the fixture's recorded draws bit for bit (spec §6.4)."""
+    """Seed 23 on a CPU generator gives the fixture's recorded draws bit for bit (docs/schedule.md#noise-draws)."""
     stored = load_file(fixture_set / "pipeline" / "full_pipeline.safetensors")
     schedule = plan_schedule(stored["in_wavlm_frames"].shape[0], "reference")
     noise = SeededNoise(schedule, tuple(stored["in_identity_latent"].shape[1:]), seed=23)

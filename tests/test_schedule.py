@@ -173,7 +173,7 @@ def test_reference_refuses_lengths_the_original_crashes_on(fixture_set):
 
 
 def test_reference_quirks_from_the_spec():
-    # spec §6.2: T = 400, the last chunk pairs a dummy slot and lags the audio by one segment.
+    # docs/schedule.md#worked-examples: T = 400, the last chunk pairs a dummy slot and lags the audio by one segment.
     schedule = plan_schedule(400, "reference")
     last = schedule.chunks[-1]
     assert [schedule.slot(s).frame for s in last.keyframe_chain] == [325, None, 338, 351, 364, 377, 390]
@@ -187,7 +187,7 @@ def test_reference_quirks_from_the_spec():
     assert len(short_chain.chunks[0].keyframe_chain) == len(short_chain.segments)
     assert tail.start_slot == tail.end_slot == short_chain.chunks[0].keyframe_chain[-1]
     assert tail.audio_frames == (157, 158, 159) + (159,) * 11
-    # spec §6.3: the tail is lost for 327..338 frames, the output stops at 326.
+    # docs/schedule.md#quirks: the tail is lost for 327..338 frames, the output stops at 326.
     assert plan_schedule(330, "reference").n_output_frames == 326
     # README: with an image identity the output keeps the padded tail past 45 s, the features are cut at 1125.
     long = plan_schedule(1200, "reference")

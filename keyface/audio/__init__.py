@@ -1,4 +1,5 @@
-"""Audio front end: decoding, 16 kHz preparation, the three encoders and per-frame features (spec §3.1).
+"""Audio front end: decoding, 16 kHz preparation, the three encoders and per-frame features
+(docs/audio.md#per-frame-features).
 
 Typical use::
 

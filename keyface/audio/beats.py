@@ -1,4 +1,4 @@
-"""BEATs (both stages' second audio stream, spec §3.1): a compact port of the published architecture.
+"""BEATs (both stages' second audio stream, docs/audio.md#beats): a compact port of the published architecture.
 
 BEATs (Chen et al., "BEATs: Audio Pre-Training with Acoustic Tokenizers", arXiv 2212.09058) as released by
 Microsoft unilm: 128-bin kaldi fbank -> 16x16 patch embedding -> LayerNorm -> linear projection -> a
@@ -29,7 +29,7 @@ from .weights import BEATS_ORIGIN, read_unilm_checkpoint
 
 _WHAT = "BEATs checkpoint"
 
-# BEATs preprocessing (unilm BEATs.preprocess; spec §3.1): kaldi fbank of the waveform scaled to int16 range.
+# BEATs preprocessing (unilm BEATs.preprocess; docs/audio.md#beats): kaldi fbank of the waveform scaled to int16 range.
 FBANK_MEL_BINS = 128
 FBANK_FRAME_LENGTH_MS = 25
 FBANK_FRAME_SHIFT_MS = 10
@@ -82,7 +82,8 @@ class BEATsConfig:
 
 
 def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
-    """BEATs input features of a 16 kHz waveform ``(samples,)`` -> ``(frames, 128)``, normalised (spec §3.1)."""
+    """BEATs input features of a 16 kHz waveform ``(samples,)`` -> ``(frames, 128)``, normalised
+    (docs/audio.md#beats)."""
     import torchaudio.compliance.kaldi as kaldi
 
     if waveform.shape[-1] < _FRAME_LENGTH_SAMPLES:

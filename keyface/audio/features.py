@@ -1,4 +1,4 @@
-"""Per-frame audio features for both stages (spec §3.1).
+"""Per-frame audio features for both stages (docs/audio.md#per-frame-features).
 
 For ``F`` 25-fps frames of 16 kHz audio (``F = ceil(samples / 640)``):
 
@@ -50,7 +50,7 @@ from .weights import (
     require_path,
 )
 
-SUBFRAMES_PER_FRAME = 2  # spec §3.1: two 20-ms encoder steps per 40-ms video frame
+SUBFRAMES_PER_FRAME = 2  # docs/audio.md#frames-and-sub-frames: two 20-ms encoder steps per 40-ms video frame
 FEATURES_FORMAT = "keyface-audio-features-v1"  # part of every cache key: bump when the computation changes
 
 EncoderSource = AudioEncoder | str | os.PathLike
@@ -278,7 +278,7 @@ class AudioFeatureExtractor:
                 sources = nearest_indices(
                     encoder.sequence_length(length), SUBFRAMES_PER_FRAME * _input_frames(frames, even)
                 )
-            else:  # in order, then zero vectors (spec §3.1: one zero vector appended to the 2F-1)
+            else:  # in order, then zero vectors (docs/audio.md#wav2vec2: one zero vector appended to the 2F-1)
                 sources = np.arange(subframes)
             sources = sources[:subframes]
 

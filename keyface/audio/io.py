@@ -9,8 +9,8 @@ cut into 25-fps video frames of 640 samples (:func:`num_video_frames`).
 Channel policy (``mode``):
 
 * ``"default"``: channels are averaged, then resampled to 16 kHz.
-* ``"reference"``: what the original feature script does (spec §3.1 **[quirk]**): when the rate is not
-  16 kHz only channel 0 is kept; at 16 kHz the channels are averaged. Use it for parity with old results.
+* ``"reference"``: what the original feature script does (docs/audio.md#channel-policy **[quirk]**): when the rate is
+  not 16 kHz only channel 0 is kept; at 16 kHz the channels are averaged. Use it for parity with old results.
 
 The output video carries the clip itself, every channel at its own rate (``keyface.video.AudioTrack``), not
 the 16 kHz mono the original muxed; :func:`raw_audio_frames` reproduces the original's muxed audio (its
@@ -197,7 +197,8 @@ def as_audio_clip(audio: AudioClip | dict | str | os.PathLike, name: str = "audi
 
 
 def num_video_frames(num_samples_16k: int) -> int:
-    """Number of 25-fps video frames ``F = ceil(samples / 640)`` for a 16 kHz signal (spec §3.1)."""
+    """Number of 25-fps video frames ``F = ceil(samples / 640)`` for a 16 kHz signal
+    (docs/audio.md#frames-and-sub-frames)."""
     return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
 
 
@@ -232,7 +233,7 @@ def pad_to_frames(waveform: torch.Tensor, num_frames: int) -> torch.Tensor:
 def raw_audio_frames(clip: AudioClip) -> torch.Tensor:
     """The audio muxed into the output video: channel mean at 16 kHz, zero-padded, shape ``(F, 640)``.
 
-    Reproduces the original ``get_raw_audio`` (spec §3.1) in both channel modes.
+    Reproduces the original ``get_raw_audio`` (docs/audio.md#muxed-audio) in both channel modes.
     """
     mono = resample_to_encoder_rate(clip.waveform.mean(dim=0), clip.sample_rate)
     frames = num_video_frames(mono.shape[0])

@@ -34,7 +34,8 @@ class WaveformNormalisation:
     valid_only: bool
 
 
-# spec §3.1: wav2vec2 input = (a - mean) / sqrt(var + 1e-7) over the clip (unbiased var), then zero padding.
+# docs/audio.md#wav2vec2: wav2vec2 input = (a - mean) / sqrt(var + 1e-7) over the clip (unbiased var), then zero
+# padding.
 WAV2VEC2_NORMALISATION = WaveformNormalisation(unbiased=True, eps=1e-7, valid_only=True)
 # unilm WavLM cfg normalize=True (e.g. WavLM Large): F.layer_norm over the whole input (biased var, eps 1e-5).
 WAVLM_LAYER_NORM = WaveformNormalisation(unbiased=False, eps=1e-5, valid_only=False)

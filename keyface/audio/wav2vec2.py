@@ -1,4 +1,5 @@
-"""wav2vec2 (interpolation audio, spec §3.1): ``transformers.Wav2Vec2Model`` from a local Hugging Face folder.
+"""wav2vec2 (interpolation audio, docs/audio.md#wav2vec2): ``transformers.Wav2Vec2Model`` from a local Hugging Face
+folder.
 
 The original uses ``Wav2Vec2ForCTC.from_pretrained('facebook/wav2vec2-base-960h').wav2vec2`` and its
 ``last_hidden_state``; the CTC head is never used, so the base model is loaded from the same folder. The

@@ -1,4 +1,4 @@
-"""WavLM (keyframe audio, spec §3.1) on ``transformers.WavLMModel``.
+"""WavLM (keyframe audio, docs/audio.md#wavlm) on ``transformers.WavLMModel``.
 
 Loads the original unilm checkpoint (``WavLM-Base+.pt``: ``{'cfg', 'model'}``, or a safetensors copy, see
 :mod:`keyface.audio.weights`) by mapping its config and key names to transformers, or a Hugging Face folder

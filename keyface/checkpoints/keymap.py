@@ -1,4 +1,4 @@
-"""The original engine key names <-> our module names (spec §1.6, §4, §7): the one place that knows them.
+"""The original engine key names <-> our module names (docs/checkpoints.md): the one place that knows them.
 
 Reading maps original sgm names to our modules (:func:`unet_key`, :func:`decoder_key`, :func:`stage_target`).
 Writing goes the other way with the same mapping: :func:`official_key_names` inverts it by pushing candidate
@@ -13,14 +13,14 @@ import torch
 
 from ..config import DecoderConfig, StageConfig, UNetConfig
 
-# Original engine key namespaces (spec §7).
+# Original engine key namespaces (docs/checkpoints.md#key-layout).
 DEEPSPEED_PREFIX = "_forward_module."
 UNET_PREFIX = "model.diffusion_model."
 LEARNED_MASK_KEY = "model.learned_mask"
 DECODER_PREFIX = "first_stage_model.decoder."
 AUDIO_PROJECTION_KEY = re.compile(r"conditioner\.embedders\.(\d+)\.linear\.(weight|bias)")
-# Keys an original file may hold that no inference module uses (spec §7): the interpolation conditioner's
-# unused VAE encoder, the engine's deleted first-stage encoder, EMA copies.
+# Keys an original file may hold that no inference module uses (docs/checkpoints.md#unused-keys): the interpolation
+# conditioner's unused VAE encoder, the engine's deleted first-stage encoder, EMA copies.
 UNUSED_PREFIXES = ("conditioner.embedders.0.encoder.", "first_stage_model.encoder.", "model_ema.")
 # diffusers VAE folder (identity encoder).
 VAE_ENCODER_PREFIXES = ("encoder.", "quant_conv.")
@@ -70,7 +70,8 @@ def _unet_attention_key(rest: str) -> str:
 
 
 def unet_key(key: str, layers_per_block: int) -> str:
-    """Original ``VideoUNet`` key (without ``model.diffusion_model.``) -> :class:`KeyFaceUNet` key (spec §1.6).
+    """Original ``VideoUNet`` key (without ``model.diffusion_model.``) -> :class:`KeyFaceUNet` key
+    (docs/checkpoints.md#unet-keys).
 
     Works for any number of levels and res blocks per level. Raises ``KeyError`` for a key with no counterpart.
     """
@@ -139,8 +140,8 @@ def _decoder_resblock_key(rest: str) -> str:
 def decoder_key(key: str, num_levels: int) -> str:
     """Original ``VideoDecoder`` key (without ``first_stage_model.decoder.``) -> diffusers ``TemporalDecoder`` key.
 
-    Spec §4: ``up.i`` is ``up_blocks.(num_levels - 1 - i)``; attention 1x1 convs become Linear layers (the
-    loader squeezes their weights). Raises ``KeyError`` for a key with no counterpart.
+    docs/checkpoints.md#vae-decoder-keys: ``up.i`` is ``up_blocks.(num_levels - 1 - i)``; attention 1x1 convs become
+    Linear layers (the loader squeezes their weights). Raises ``KeyError`` for a key with no counterpart.
     """
     for old, new in _DECODER_TOP_LEVEL.items():
         if key.startswith(old) and "." not in key[len(old) :]:
@@ -165,7 +166,7 @@ def decoder_key(key: str, num_levels: int) -> str:
 # Key mapping back: our module names -> original names (for writing checkpoints)
 # --------------------------------------------------------------------------------------------------------------
 
-# The audio projection's conditioner slot in each stage's original engine (spec §7).
+# The audio projection's conditioner slot in each stage's original engine (docs/checkpoints.md#key-layout).
 AUDIO_PROJECTION_EMBEDDER = {"keyframe": 3, "interpolation": 1}
 # Leaf appended to an original module prefix to push it through the forward map.
 _PROBE_LEAF = "weight"
@@ -252,7 +253,8 @@ def _inverse_names(keys: list[str], original_prefixes: list[str], forward, what:
 
 
 def official_key_names(model, decoder=None) -> dict[str, str]:
-    """Original engine key (spec §7) of every tensor of a stage module and, optionally, a VAE frame decoder.
+    """Original engine key (docs/checkpoints.md#key-layout) of every tensor of a stage module and, optionally, a VAE
+    frame decoder.
 
     Args:
         model: a :class:`~keyface.models.stages.KeyframeModel`, ``InterpolationModel`` or ``InterpolationNetwork``.

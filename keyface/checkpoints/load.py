@@ -98,7 +98,7 @@ def load_autoguidance_network(
     path: str | Path, config: StageConfig | None = None, device: str | torch.device = "cpu", dtype=torch.float32
 ):
     """The autoguidance "bad" network (UNet + learned mask) from ``interpolation_bad.pt``; its conditioner and
-    VAE tensors are ignored (it receives the main model's conditioning, spec §5.5)."""
+    VAE tensors are ignored (it receives the main model's conditioning, docs/checkpoints.md#autoguidance-network)."""
     from ..models.stages import InterpolationNetwork
 
     return _load_stage(path, InterpolationNetwork, "interpolation", config, device, dtype)
@@ -107,7 +107,7 @@ def load_autoguidance_network(
 def load_frame_decoder(path: str | Path, device: str | torch.device = "cpu"):
     """The float32 VAE frame decoder stored in an engine checkpoint (``first_stage_model.decoder.*``).
 
-    The output video is decoded with the interpolation checkpoint's decoder (spec §4, fixture README).
+    The output video is decoded with the interpolation checkpoint's decoder (docs/models.md#vae, fixture README).
     """
     from ..models.vae import FrameDecoder
 

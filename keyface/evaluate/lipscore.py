@@ -1,5 +1,5 @@
-"""LipScore (KeyFace paper, spec §8): how alike the lip movements of a generated and a real video are, as
-seen by a lip-reading network: the mean over frames of the cosine similarity of the two videos' per-frame
+"""LipScore (KeyFace paper, docs/evaluation.md#lipscore): how alike the lip movements of a generated and a real video
+are, as seen by a lip-reading network: the mean over frames of the cosine similarity of the two videos' per-frame
 features from the auto_avsr visual speech recognition (VSR) encoder.
 
 The encoder, implemented here from its published description (Ma et al., "Auto-AVSR", ICASSP 2023; the

@@ -1,4 +1,4 @@
-"""Conditioning of the two stages (spec §1.2, §1.3, §2): what the networks receive besides the noisy latent.
+"""Conditioning of the two stages (docs/models.md): what the networks receive besides the noisy latent.
 
 Latents here follow the library convention: sampler space (VAE latent x ``VAE_SCALE_FACTOR``), frames
 flattened clip-major into the batch axis, ``(clips * frames, channels, height, width)``. The conditioning
@@ -16,7 +16,8 @@ from ..config import VAE_SCALE_FACTOR
 
 
 class AudioProjection(nn.Module):
-    """Per-frame audio features -> audio tokens: mean over the sub-frames, then Linear with bias (spec §2).
+    """Per-frame audio features -> audio tokens: mean over the sub-frames, then Linear with bias
+    (docs/models.md#conditioning).
 
     The original's ``WhisperAudioEmbedder(merge_method='mean')``; its Linear is ``linear``.
     """
@@ -31,7 +32,7 @@ class AudioProjection(nn.Module):
 
 
 def unscale_latent(latent: torch.Tensor) -> torch.Tensor:
-    """Sampler-space latent -> VAE latent, as concatenated to the UNet input (spec §2, ``/ 0.18215``)."""
+    """Sampler-space latent -> VAE latent, as concatenated to the UNet input (docs/models.md#latents, ``/ 0.18215``)."""
     return latent / VAE_SCALE_FACTOR
 
 
@@ -54,11 +55,13 @@ class KeyframeConditioning:
         return self.audio_tokens.shape[0]
 
     def without_audio(self) -> KeyframeConditioning:
-        """Audio dropped: tokens zeroed after the projection, so its bias is absent too (spec §2)."""
+        """Audio dropped: tokens zeroed after the projection, so its bias is absent too
+        (docs/models.md#conditioning)."""
         return KeyframeConditioning(self.identity, torch.zeros_like(self.audio_tokens), self.emotion)
 
     def unconditional(self) -> KeyframeConditioning:
-        """Audio and identity dropped; emotion is never dropped (``force_uc_zero_embeddings``, spec §2)."""
+        """Audio and identity dropped; emotion is never dropped (``force_uc_zero_embeddings``,
+        docs/models.md#conditioning)."""
         return KeyframeConditioning(torch.zeros_like(self.identity), torch.zeros_like(self.audio_tokens), self.emotion)
 
     @staticmethod
@@ -93,7 +96,7 @@ class InterpolationConditioning:
 
 
 def interpolation_frames(keyframes: torch.Tensor, learned_mask: torch.Tensor, frames: int) -> torch.Tensor:
-    """The interpolation UNet's conditioning channels for every frame (spec §1.3).
+    """The interpolation UNet's conditioning channels for every frame (docs/models.md#interpolation-stage).
 
     Args:
         keyframes: ``(segments, 2 * C, h, w)`` = ``[start | end]`` unscaled latents.

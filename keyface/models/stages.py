@@ -1,4 +1,5 @@
-"""The two KeyFace stages as modules: network + audio projection (+ learned mask) + denoiser (spec §1.2, §1.3, §5.1).
+"""The two KeyFace stages as modules: network + audio projection (+ learned mask) + denoiser
+(docs/models.md#keyframe-stage, #interpolation-stage; docs/sampler.md#preconditioning).
 
 State-dict layout (what ``keyface.checkpoints`` maps the original keys onto):
 
@@ -31,7 +32,8 @@ from .unet import KeyFaceUNet
 
 @dataclass
 class VScalings:
-    """Preconditioning of ``VScalingWithEDMcNoise`` (spec §5.1); every field ``(n,)`` like sigma."""
+    """Preconditioning of ``VScalingWithEDMcNoise`` (docs/sampler.md#preconditioning); every field ``(n,)`` like
+    sigma."""
 
     c_skip: torch.Tensor
     c_out: torch.Tensor
@@ -74,7 +76,8 @@ class _StageNetwork(nn.Module):
         audio_tokens: torch.Tensor,
         emotion: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``D = c_skip * x + c_out * F([c_in * x | cond_channels], c_noise)`` in float32 (spec §5.1)."""
+        """``D = c_skip * x + c_out * F([c_in * x | cond_channels], c_noise)`` in float32
+        (docs/sampler.md#preconditioning)."""
         clips, frames = audio_tokens.shape[:2]
         if x.shape[0] != clips * frames or sigma.shape != (x.shape[0],):
             raise InputError(
@@ -115,7 +118,8 @@ class _StageNetwork(nn.Module):
 
 
 class KeyframeModel(_StageNetwork):
-    """Stage 1: generates 14 keyframe slots per clip from an identity latent, audio and emotion (spec §1.2)."""
+    """Stage 1: generates 14 keyframe slots per clip from an identity latent, audio and emotion
+    (docs/models.md#keyframe-stage)."""
 
     def __init__(self, config: StageConfig):
         if config.kind != "keyframe":
@@ -157,9 +161,10 @@ class KeyframeModel(_StageNetwork):
 
 
 class InterpolationNetwork(_StageNetwork):
-    """Stage-2 network without its conditioner: the UNet and its learned mask (spec §1.3).
+    """Stage-2 network without its conditioner: the UNet and its learned mask (docs/models.md#interpolation-stage).
 
-    Used alone as the autoguidance "bad" network, which receives the main model's conditioning (spec §5.5).
+    Used alone as the autoguidance "bad" network, which receives the main model's conditioning
+    (docs/sampler.md#interpolation-guidance).
     """
 
     def __init__(self, config: StageConfig):
@@ -182,7 +187,8 @@ class InterpolationNetwork(_StageNetwork):
 
 
 class InterpolationModel(InterpolationNetwork):
-    """Stage 2: fills the frames between two keyframes, guided by the audio of those frames (spec §1.3)."""
+    """Stage 2: fills the frames between two keyframes, guided by the audio of those frames
+    (docs/models.md#interpolation-stage)."""
 
     def __init__(self, config: StageConfig):
         super().__init__(config)

@@ -1,4 +1,5 @@
-"""The KeyFace UNet: diffusers' SVD spatio-temporal UNet with a per-frame label embedding (spec §1.6)."""
+"""The KeyFace UNet: diffusers' SVD spatio-temporal UNet with a per-frame label embedding
+(docs/models.md#per-frame-label-embedding)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from ..config import UNetConfig
 from ..errors import InputError
 
 # The official ResBlocks normalise with eps 1e-5 everywhere; diffusers builds some spatio-temporal resnets
-# with 1e-6 (spec §1.6 point 2). Attention GroupNorms stay at diffusers' 1e-6, which matches the original.
+# with 1e-6 (docs/models.md#groupnorm-epsilon). Attention GroupNorms stay at diffusers' 1e-6, which matches the
+# original.
 RESBLOCK_GROUPNORM_EPS = 1e-5
 
 
 class KeyFaceUNet(UNetSpatioTemporalConditionModel):
     """SVD UNet whose label embedding is computed per frame instead of once per clip.
 
-    Two differences from the stock diffusers model (spec §1.6):
+    Two differences from the stock diffusers model (docs/models.md#per-frame-label-embedding):
 
     * each frame's time embedding gets ``add_embedding(label_f)`` added, where the label vector of frame ``f``
       is ``[add_time_proj(valence_f) | add_time_proj(arousal_f) | audio_token_f]`` (keyframe stage) or just
@@ -72,7 +74,7 @@ class KeyFaceUNet(UNetSpatioTemporalConditionModel):
         return self.config.addition_time_embed_dim
 
     def embed_emotion(self, valence_arousal: torch.Tensor) -> torch.Tensor:
-        """Sinusoidal emotion embedding (spec §2 ``ConcatTimestepEmbedderND``, cos first).
+        """Sinusoidal emotion embedding (docs/models.md#conditioning ``ConcatTimestepEmbedderND``, cos first).
 
         Args:
             valence_arousal: ``(n, 2)`` valence and arousal of each frame.

@@ -1,4 +1,4 @@
-"""The SVD VAE pieces KeyFace uses (spec §4): an image encoder for the identity latent, a frame decoder.
+"""The SVD VAE pieces KeyFace uses (docs/models.md#vae): an image encoder for the identity latent, a frame decoder.
 
 * :class:`IdentityEncoder` = diffusers ``AutoencoderKLTemporalDecoder``'s ``encoder`` + ``quant_conv``: turns
   one identity image into the sampler-space latent the keyframe stage is conditioned on. The original stores a
@@ -6,7 +6,7 @@
   ``mean + std * noise`` for a given ``noise`` (what the original does with unseeded noise).
 * :class:`FrameDecoder` = diffusers ``TemporalDecoder`` with the weights of an engine checkpoint's
   ``first_stage_model.decoder``; it decodes **each frame on its own** like the original (``decoding_t = 1``,
-  spec §9.6): the temporal layers see a single frame. One call takes any number of frames, decoded together
+  docs/models.md#vae): the temporal layers see a single frame. One call takes any number of frames, decoded together
   as a batch of one-frame videos, in float32.
 
 Cropping an arbitrary image to a square face is not done here (see ``keyface.identity``).
@@ -24,12 +24,13 @@ from torch import nn
 from ..config import VAE_SCALE_FACTOR, DecoderConfig, EncoderConfig
 from ..errors import InputError
 
-# Pixel range mapping of the SVD VAE input: [0, 255] -> [-1, 1] (spec §4, `/127.5 - 1`).
+# Pixel range mapping of the SVD VAE input: [0, 255] -> [-1, 1] (docs/models.md#identity-image, `/127.5 - 1`).
 PIXEL_HALF_RANGE = 127.5
 
 
 def preprocess_image(image: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """An identity image as the VAE encoder input, exactly as the original offline script (spec §4).
+    """An identity image as the VAE encoder input, exactly as the original offline script
+    (docs/models.md#identity-image).
 
     Args:
         image: ``(height, width, 3)`` RGB, ``uint8`` in [0, 255] or floating point in [0, 1].
@@ -53,7 +54,7 @@ def preprocess_image(image: np.ndarray | torch.Tensor, size: int) -> torch.Tenso
 
 
 def to_pixels(decoded: torch.Tensor) -> torch.Tensor:
-    """Raw decoder output -> pixels in [0, 1]: ``clamp((x + 1) / 2, 0, 1)`` (spec §4)."""
+    """Raw decoder output -> pixels in [0, 1]: ``clamp((x + 1) / 2, 0, 1)`` (docs/models.md#vae)."""
     return ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -95,7 +96,7 @@ class IdentityEncoder(nn.Module):
 
 
 class FrameDecoder(nn.Module):
-    """SVD temporal VAE decoder that decodes each frame on its own (spec §4, §9.6)."""
+    """SVD temporal VAE decoder that decodes each frame on its own (docs/models.md#vae)."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()

@@ -33,7 +33,7 @@ const DECIMALS = 3; // canonical JSON keeps 3 decimals (1 ms, 0.001 value units)
 const MIN_POINT_GAP_S = 10 ** -DECIMALS; // keeps times strictly increasing after rounding
 const JSON_KEYS = ["format", "interpolation", "accentuate", "valence", "arousal", "keys"];
 
-// Named emotions -> [valence, arousal], from the KeyFace technical spec §3.2 (the fixed table the
+// Named emotions -> [valence, arousal], from docs/audio.md#emotion (the fixed table the
 // original implementation maps emotion names to).
 export const EMOTIONS = Object.freeze({
   happy: [0.85, 0.75],
