@@ -18,3 +18,6 @@ SAMPLES_PER_FRAME = ENCODER_SAMPLE_RATE // VIDEO_FPS
 
 RELEASED_IMAGE_SIZE = 512
 """Side of the square identity image and of every generated frame of the released models."""
+
+EMOTION_METADATA_KEY = "keyface_emotion"
+"""Container tag of a generated video holding the emotion curve it was made with (EmotionCurve JSON)."""

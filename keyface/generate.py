@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import RELEASED_IMAGE_SIZE, VIDEO_FPS
+from .constants import EMOTION_METADATA_KEY, RELEASED_IMAGE_SIZE, VIDEO_FPS
 from .errors import InputError
 from .pipeline import Conditioning, GenerationSettings, TalkingHeadJob
 from .progress import AUDIO_FEATURES, ProgressCallback, counting, terminal_progress_bar
@@ -108,7 +108,8 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     )
     out = Path(request.out).expanduser()
     audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
-    writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf)
+    metadata = {EMOTION_METADATA_KEY: curve.to_json()}  # read back by python -m keyface evaluate
+    writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf, metadata=metadata)
     with writer:
         models = load_models(files, "cpu", dtype)  # place_models moves them (all, or per step)
         place_models(models, torch_device, request.offload)

@@ -209,7 +209,12 @@ class NodeProgress:
         host.check_interrupted()
 
     def on_event(self, event) -> None:
-        """A :class:`keyface.progress.ProgressEvent`; a finished keyframe's picture is shown on the node."""
+        """A :class:`keyface.progress.ProgressEvent`; a finished keyframe's picture is shown on the node, the
+        expected duration of a run on the CPU is a message on it."""
+        from keyface.progress import ESTIMATE
+
+        if event.stage == ESTIMATE:
+            tell_artist(event.detail)
         preview = None
         if event.preview is not None:
             from PIL import Image

@@ -584,6 +584,15 @@ def test_generate_accepts(name, demo_models, valid_inputs, portrait_path, tmp_pa
     assert abs(expected - math.ceil(case.seconds * VIDEO_FPS)) <= 1, expected
     assert frames == expected
     assert abs(audio_seconds - frames / VIDEO_FPS) <= AAC_FRAME / rate  # the audio as long as the video
+    if "--emotion" in arguments:  # the curve travels with the video, for python -m keyface evaluate
+        from keyface.emotion import parse_emotion
+        from keyface.evaluate.report import emotion_from_metadata
+        from keyface.generate import read_emotion_argument
+        from keyface.media import probe_media
+
+        curve = parse_emotion(read_emotion_argument(arguments["--emotion"]))
+        emotion = emotion_from_metadata(probe_media(out).metadata, frames, VIDEO_FPS)
+        assert emotion is not None and emotion["valence"] == pytest.approx(list(curve.values_at(np.zeros(1))[0]))
     for text in case.names(inputs, arguments):
         assert text in err, err
 

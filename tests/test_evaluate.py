@@ -399,3 +399,23 @@ def test_memory_does_not_grow_with_the_length_of_the_video(portrait, mouth, eval
     short, long = peak(50), peak(150)
     held_video = 100 * portrait.nbytes  # what holding the 100 extra frames would add
     assert long - short < held_video / 4, (short, long)
+
+
+def test_a_video_the_pipeline_made_carries_its_emotion_curve_to_the_report(demo_models, eval_weights, tmp_path):
+    """End to end on the demo weights: ``generate`` writes the curve into the mp4, ``evaluate`` reads it back and
+    measures the video (the demo's random networks draw no face, so only the face-free measures have numbers)."""
+    from keyface.cli import main
+    from keyface.demo import write_demo_inputs
+    from keyface.emotion import parse_emotion
+
+    image, audio = write_demo_inputs(tmp_path, seconds=1.2)
+    video = tmp_path / "made.mp4"
+    emotion = "neutral at 0 s, happy at 1 s"
+    argv = ["generate", "--image", str(image), "--audio", str(audio), "--out", str(video), "--emotion", emotion]
+    assert main([*argv, "--models", str(demo_models), "--device", "cpu", "--steps", "10"]) == 0
+    report = evaluate_file(video, options=EvaluationOptions(weights=eval_weights)).to_dict()
+    assert report["frames"] == 30 and report["duration_s"] == pytest.approx(1.2)
+    valence, _ = parse_emotion(emotion).values_at(np.arange(2.0))
+    assert report["emotion"]["valence"] == pytest.approx(list(valence), abs=1e-6)
+    assert len(report["signals_per_second"]["audio_energy"]) == 2
+    json.dumps(report, allow_nan=False)

@@ -70,7 +70,7 @@ def test_the_cli_names_its_flags_through_the_same_wording():
         **{**values, "steps": 10, "audio_scale": 1.0, "identity_scale": 1.0, "autoguidance_scale": 1.0, "seed": 0}
     )
     args.schedule, args.segments_per_call = "aligned", 0
-    with pytest.raises(InputError, match="^--segments-per-call must be an integer >= 1, got 0$"):
+    with pytest.raises(InputError, match="^--segments-per-call must be an integer >= 1 or 'auto', got 0$"):
         settings_from_arguments(args)
 
 
@@ -212,7 +212,7 @@ def test_sampler_and_interpolator_errors(chain, model):
         check_message(str(node_error("KeyFaceKeyframeSampler", **{**valid, **inputs})), names=names)
     for inputs, names in (
         ({"keyframes": None}, "keyframes"),
-        ({"keyframes": chain.keyframes, "segments_per_call": 0}, "segments_per_call"),
+        ({"keyframes": chain.keyframes, "segments_per_call": -1}, "segments_per_call"),
         ({"keyframes": chain.keyframes, "steps": 500}, "steps"),
         ({"keyframes": chain.keyframes, "edited_keyframes": chain.keyframe_images[:1]}, "edited_keyframes"),
         ({"keyframes": chain.keyframes, "edited_keyframes": torch.rand(2, 8, 6, 3)}, "edited_keyframes"),
@@ -338,6 +338,19 @@ def test_a_node_run_collects_its_messages_and_leaves_other_warnings_alone(shown)
     assert [str(warning.message) for warning in caught] == ["a torch warning"]
     common.tell_artist("outside a node run: logged only")
     assert len(shown) == 3
+
+
+def test_the_cpu_run_estimate_is_a_node_message(shown, workspace):
+    from keyface.progress import cpu_estimate_event
+
+    @common.node_function()
+    def node_body():
+        progress = common.NodeProgress(10)
+        progress.on_event(cpu_estimate_event(1500.0, 120, 1, 10))
+
+    node_body()
+    assert len(shown) == 1 and shown[0].startswith("running on the CPU: sampling will take about 25 min")
+    assert "meant for a GPU" in shown[0]
 
 
 def test_long_library_messages_are_cut_for_the_node():

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import VIDEO_FPS
+from ..constants import EMOTION_METADATA_KEY, VIDEO_FPS
 from ..errors import InputError, KeyFaceError
 from . import signals
 from .tracking import (
@@ -36,7 +36,6 @@ from .weights import DEFAULT_EVAL_FOLDER
 SECONDS_PER_MINUTE = 60
 IDENTITY_BATCH = 16
 # Metadata entry holding the emotion curve JSON the video was generated with (keyface.emotion.EmotionCurve).
-EMOTION_METADATA_KEY = "keyface_emotion"
 LIPSCORE_NEEDS_GROUND_TRUTH = "no ground-truth video given (--ground-truth)"
 
 
