@@ -107,21 +107,9 @@ def demo_models(isolated_keyface_cache) -> Path:
     return write_demo_weights(default_demo_folder())
 
 
-NODE_PACK_NAME = "keyface_node_pack"  # any name works: ComfyUI uses the custom_nodes folder's name
-
-
 @pytest.fixture(scope="session")
 def node_pack():
-    """The repository imported as ComfyUI imports a custom-node pack: a package named after its folder, from its
-    ``__init__.py`` (its node modules are ``<name>.nodes.*``)."""
-    import importlib.util
-    import sys
+    """The repository imported as ComfyUI imports a custom-node pack (:func:`helpers.load_node_pack`)."""
+    from helpers import load_node_pack
 
-    if NODE_PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            NODE_PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[NODE_PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[NODE_PACK_NAME]
+    return load_node_pack()

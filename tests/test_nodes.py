@@ -7,7 +7,6 @@ KeyFace cache (features, job folders) go to a temporary folder for the session.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from helpers import NODE_PACK_NAME as PACK_NAME
+from helpers import load_node_pack
 
 from keyface.errors import (
     CheckpointError,
@@ -28,7 +29,6 @@ from keyface.errors import (
 )
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-PACK_NAME = "keyface_node_pack"  # any name works: ComfyUI uses the folder name
 
 # Every node ID of ComfyUI 0.3.64 (core, extras and API nodes; from its /object_info with this pack removed).
 # A custom node with one of these IDs would be silently dropped.
@@ -534,19 +534,7 @@ CORE_NODE_IDS = frozenset(
 )
 
 
-def load_pack():
-    """Import the pack root the way ComfyUI does: a package named after its folder, from its ``__init__.py``."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK_NAME, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
-
-
-PACK = load_pack()
+PACK = load_node_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 host = sys.modules[f"{PACK_NAME}.nodes.host"]
 SPEECH_FILE = "speech.wav"

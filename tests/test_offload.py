@@ -12,11 +12,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import random_conditioning
 
 from keyface.errors import InputError
 from keyface.loading import find_model_files, load_models
 from keyface.models.bundle import MODEL_PARTS, STEP_PARTS, Residency
-from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+from keyface.pipeline import GenerationSettings, TalkingHeadJob
 from keyface.video import FrameListSink
 
 
@@ -56,20 +57,9 @@ def loaded(demo_models):
     return load_models(find_model_files(demo_models))
 
 
-def conditioning_for(models, frames: int) -> Conditioning:
-    generator = torch.Generator().manual_seed(5)
-    return Conditioning(
-        torch.randn(1, *models.latent_shape, generator=generator) * 0.2,
-        torch.randn(frames, 2, models.keyframe.config.audio_feature_dim, generator=generator),
-        torch.randn(frames, 2, models.interpolation.config.audio_feature_dim, generator=generator),
-        torch.linspace(-0.5, 0.5, frames),
-        torch.zeros(frames),
-    )
-
-
 def run_job(models, folder) -> np.ndarray:
     sink = FrameListSink()
-    TalkingHeadJob(models, conditioning_for(models, 30), GenerationSettings(), job_folder=folder).run(sink)
+    TalkingHeadJob(models, random_conditioning(models, 30, seed=5), GenerationSettings(), job_folder=folder).run(sink)
     return sink.stack()
 
 

@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import random_conditioning
 
 from keyface import memory
 from keyface.cli import EXIT_USER_ERROR, main
@@ -29,7 +30,7 @@ from keyface.memory import (
     meta_parameters,
 )
 from keyface.models.bundle import Residency
-from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+from keyface.pipeline import GenerationSettings, TalkingHeadJob
 from keyface.progress import ESTIMATE, ProgressEvent, cpu_estimate_event, terminal_progress_bar
 from keyface.schedule import plan_schedule
 from keyface.video import FrameListSink
@@ -53,17 +54,6 @@ def official_estimate(dtype_bytes: int = 2) -> MemoryEstimate:
     keyframe, interpolation = StageConfig.official("keyframe"), StageConfig.official("interpolation")
     parameters = config_parameters(keyframe, interpolation)
     return MemoryEstimate(keyframe, interpolation, parameters, dtype_bytes).with_decode_block(DECODE_BLOCK_FRAMES)
-
-
-def conditioning_for(models, frames: int) -> Conditioning:
-    generator = torch.Generator().manual_seed(3)
-    return Conditioning(
-        torch.randn(1, *models.latent_shape, generator=generator) * 0.2,
-        torch.randn(frames, 2, models.keyframe.config.audio_feature_dim, generator=generator),
-        torch.randn(frames, 2, models.interpolation.config.audio_feature_dim, generator=generator),
-        torch.linspace(-0.5, 0.5, frames),
-        torch.zeros(frames),
-    )
 
 
 # ---- the estimate -----------------------------------------------------------------------------------------------
@@ -170,7 +160,7 @@ def test_the_decode_block_fits_the_budget(budget_gb):
 def test_decoded_frames_do_not_depend_on_the_decode_block(loaded, tmp_path):
     """The block only groups frames into decoder calls (the second run reads the latents back from the job
     folder): the pictures are the same for any block size, up to float rounding."""
-    conditioning = conditioning_for(loaded, 29)
+    conditioning = random_conditioning(loaded, 29)
     videos = {}
     for block in (None, 4):
         job = TalkingHeadJob(loaded, conditioning, GenerationSettings(segments_per_call=2), job_folder=tmp_path)
@@ -194,7 +184,7 @@ def test_segments_per_call_auto_and_bad_values():
 def test_frames_do_not_depend_on_segments_per_call(loaded, tmp_path):
     """Up to float rounding: a batch of another size may take other CPU kernels (measured: latents within
     8e-6, a few uint8 values in 100,000 off by one)."""
-    conditioning = conditioning_for(loaded, 45)
+    conditioning = random_conditioning(loaded, 45)
     latents, frames = {}, {}
     for per_call in (1, 3, None):
         settings = GenerationSettings(segments_per_call=per_call)
@@ -284,7 +274,7 @@ def test_speed_flags_call_apply_speed_options(demo_models, inputs, tmp_path, mon
 
 def test_a_cpu_run_announces_its_duration_once_before_sampling(loaded, tmp_path):
     events: list[ProgressEvent] = []
-    job = TalkingHeadJob(loaded, conditioning_for(loaded, 30), job_folder=tmp_path / "job", progress=events.append)
+    job = TalkingHeadJob(loaded, random_conditioning(loaded, 30), job_folder=tmp_path / "job", progress=events.append)
     job.run(FrameListSink())
     estimates = [i for i, event in enumerate(events) if event.stage == ESTIMATE]
     assert len(estimates) == 1
@@ -306,7 +296,7 @@ def test_no_estimate_without_a_callback_or_off_the_cpu(loaded, tmp_path):
     models = dataclasses.replace(
         loaded, residency=Elsewhere(torch.device("cuda"), torch.device("cpu"), "stage", load=lambda *a: None)
     )
-    job = TalkingHeadJob(models, conditioning_for(loaded, 14), job_folder=tmp_path / "gpu", progress=events.append)
+    job = TalkingHeadJob(models, random_conditioning(loaded, 14), job_folder=tmp_path / "gpu", progress=events.append)
     job.generate_keyframes()
     assert events and not [e for e in events if e.stage == ESTIMATE]
 

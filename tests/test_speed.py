@@ -8,29 +8,19 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import random_conditioning
 
 from keyface.loading import find_model_files, load_models
 from keyface.models.speed import apply_speed_options, speed_modules
-from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+from keyface.pipeline import GenerationSettings, TalkingHeadJob
 from keyface.video import FrameListSink
 
 FRAMES = 20
 
 
-def conditioning_for(models) -> Conditioning:
-    generator = torch.Generator().manual_seed(3)
-    return Conditioning(
-        torch.randn(1, *models.latent_shape, generator=generator) * 0.2,
-        torch.randn(FRAMES, 2, models.keyframe.config.audio_feature_dim, generator=generator),
-        torch.randn(FRAMES, 2, models.interpolation.config.audio_feature_dim, generator=generator),
-        torch.linspace(-0.5, 0.5, FRAMES),
-        torch.zeros(FRAMES),
-    )
-
-
 def decoded_frames(models, folder) -> np.ndarray:
     """The uint8 frames of a short job, ``(frames, H, W, 3)``."""
-    job = TalkingHeadJob(models, conditioning_for(models), GenerationSettings(), job_folder=folder)
+    job = TalkingHeadJob(models, random_conditioning(models, FRAMES), GenerationSettings(), job_folder=folder)
     sink = FrameListSink()
     job.run(sink)
     return sink.stack()

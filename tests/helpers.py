@@ -1,0 +1,39 @@
+"""Small builders shared by several test files (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from keyface.pipeline import Conditioning
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NODE_PACK_NAME = "keyface_node_pack"  # any name works: ComfyUI uses the custom_nodes folder's name
+
+
+def load_node_pack():
+    """The repository imported as ComfyUI imports a custom-node pack: a package named after its folder, from its
+    ``__init__.py`` (its node modules are ``<name>.nodes.*``); imported once per session."""
+    if NODE_PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            NODE_PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[NODE_PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[NODE_PACK_NAME]
+
+
+def random_conditioning(models, frames: int, seed: int = 3) -> Conditioning:
+    """Random but fixed conditioning of ``frames`` frames for loaded ``models`` (no audio encoders needed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return Conditioning(
+        torch.randn(1, *models.latent_shape, generator=generator) * 0.2,
+        torch.randn(frames, 2, models.keyframe.config.audio_feature_dim, generator=generator),
+        torch.randn(frames, 2, models.interpolation.config.audio_feature_dim, generator=generator),
+        torch.linspace(-0.5, 0.5, frames),
+        torch.zeros(frames),
+    )
