@@ -95,17 +95,15 @@ def _fallback(kind: str) -> Path:
 
 
 def register_model_folders() -> None:
-    """Register ``keyface`` and ``keyface_audio`` with ComfyUI's folder_paths (keeping paths from
-    extra_model_paths.yaml, which ComfyUI reads before loading custom nodes)."""
+    """Register ``keyface`` and ``keyface_audio`` with ComfyUI's ``folder_paths.add_model_folder_path``, after any
+    paths from extra_model_paths.yaml (which ComfyUI reads before loading custom nodes). The pack lists its own
+    files (stage checkpoints, encoder folders), so the folders need no extension filter."""
     folder_paths = _comfy("folder_paths")
     if folder_paths is None:
         return
     default = Path(folder_paths.models_dir) / MODELS_FOLDER
     for name, path in ((MODELS_FOLDER, default), (AUDIO_MODELS_FOLDER, default / "audio")):
-        paths, extensions = folder_paths.folder_names_and_paths.get(name, ([], set()))
-        if str(path) not in paths:
-            paths.append(str(path))
-        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | MODEL_EXTENSIONS)
+        folder_paths.add_model_folder_path(name, str(path))
 
 
 def model_roots() -> list[Path]:

@@ -79,3 +79,30 @@ def test_recorded_inputs_only_grow_at_the_end():
             names_before = [entry["name"] for entry in inputs]
             assert [entry["name"] for entry in now[: len(inputs)]] == names_before, (node_id, section)
         assert interface[node_id]["outputs"][: len(before["outputs"])] == before["outputs"], node_id
+
+
+def test_model_folders_are_registered_through_add_model_folder_path(monkeypatch, tmp_path):
+    """The public ``folder_paths`` call (0.3.64's signature), never its internals; a path the user configured in
+    extra_model_paths.yaml stays first."""
+    import sys
+    import types
+
+    from test_nodes import host
+
+    calls = []
+    fake = types.ModuleType("folder_paths")
+    fake.models_dir = str(tmp_path / "models")
+    fake.folder_names_and_paths = types.MappingProxyType({})  # read-only: editing it would raise
+
+    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
+        calls.append((folder_name, full_folder_path, is_default))
+
+    fake.add_model_folder_path = add_model_folder_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    host._comfy.cache_clear()
+    try:
+        host.register_model_folders()
+    finally:
+        host._comfy.cache_clear()
+    keyface_folder = tmp_path / "models" / "keyface"
+    assert calls == [("keyface", str(keyface_folder), False), ("keyface_audio", str(keyface_folder / "audio"), False)]
