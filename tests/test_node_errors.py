@@ -76,12 +76,12 @@ def test_the_cli_names_its_flags_through_the_same_wording():
 
 def test_a_checkpoint_that_does_not_fit_is_reported_in_one_short_line(tmp_path):
     """torch's load_state_dict lists every mismatched tensor, one line each; the KeyFace message keeps two."""
-    from keyface.checkpoints.load import _load_into
+    from keyface.checkpoints.load import load_tensors_into
 
     module = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(40)))
     state = {key: torch.zeros(value.shape[0] + 1, *value.shape[1:]) for key, value in module.state_dict().items()}
     with pytest.raises(CheckpointError) as raised:
-        _load_into(module, state, tmp_path / "stage.safetensors", [])
+        load_tensors_into(module, state, tmp_path / "stage.safetensors", [])
     text = str(raised.value)
     assert text.startswith(f"{tmp_path / 'stage.safetensors'} does not fit the Sequential: Error(s) in loading")
     assert "(and 79 more)" in text and "\n" not in text and len(text) < 600

@@ -27,20 +27,31 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, unexpected: list[str]):
-    missing = sorted(set(module.state_dict()) - set(state))
+def load_tensors_into(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    unexpected: list[str],
+    *,
+    expected: str = f"expected a KeyFace checkpoint from {KEYFACE_WEIGHTS_SOURCE}",
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Copy ``state`` into ``module`` (tensors assigned as they are); every key must match, except missing keys
+    ending in one of ``optional``. ``unexpected``: keys of the file the caller could not place. Any mismatch is
+    one CheckpointError line naming ``path`` and ending with ``expected`` (which file was wanted, and from where).
+    """
+    names = set(module.state_dict())
+    missing = sorted(key for key in names - set(state) if not key.endswith(optional))
+    unexpected = sorted({*unexpected, *(set(state) - names)})
     if missing or unexpected:
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(sorted(unexpected)[:3])})")
-        raise CheckpointError(
-            f"{path} does not fit the {type(module).__name__}: {' and '.join(problems)}; expected a KeyFace "
-            f"checkpoint from {KEYFACE_WEIGHTS_SOURCE}"
-        )
+            problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{path} does not fit the {type(module).__name__}: {' and '.join(problems)}; {expected}")
     try:
-        module.load_state_dict(state, strict=True, assign=True)
+        module.load_state_dict(state, strict=False, assign=True)  # keys checked above; shapes still are
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit the {type(module).__name__}: {brief(exc)}") from None
 
@@ -70,7 +81,7 @@ def _load_stage(path, module_class, kind: StageKind, config, device, dtype):
             state[target] = _cast(tensor, dtype)
         elif not target.startswith("audio_projection."):  # the autoguidance network uses the main conditioner
             unexpected.append(key)
-    _load_into(module, state, checkpoint.path, unexpected)
+    load_tensors_into(module, state, checkpoint.path, unexpected)
     if unknown:
         logger.warning("%s: ignored %d tensors outside the KeyFace networks (e.g. %s)", path, len(unknown), unknown[0])
     return module.to(device).eval().requires_grad_(False)
@@ -140,7 +151,7 @@ def load_frame_decoder(path: str | Path, device: str | torch.device = "cpu"):
             unexpected.append(key)
             continue
         state[target] = _cast(tensor, torch.float32).reshape(wanted[target].shape)  # 1x1 conv -> Linear
-    _load_into(module, state, checkpoint.path, unexpected)
+    load_tensors_into(module, state, checkpoint.path, unexpected)
     return module.to(device).eval().requires_grad_(False)
 
 
@@ -188,5 +199,5 @@ def load_identity_encoder(path: str | Path, device: str | torch.device = "cpu"):
         module = IdentityEncoder(config)
     wanted = set(module.state_dict())
     state = {key: _cast(tensor, torch.float32) for key, tensor in tensors.items() if key in wanted}
-    _load_into(module, state, file, [key for key in tensors if key not in wanted])
+    load_tensors_into(module, state, file, [key for key in tensors if key not in wanted])
     return module.to(device).eval().requires_grad_(False)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .tracking import ARCFACE_SIZE
-from .weights import ARCFACE_WEIGHTS, config_of, load_into, load_state_dict
+from .weights import ARCFACE_WEIGHTS, load_network
 
 BN_EPS = 1e-5
 
@@ -111,10 +111,7 @@ class IdentityEmbedder:
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> IdentityEmbedder:
         """Load ``arcface_r50.pth`` (or ``.safetensors``) from the evaluation weights folder; its size is read
         from the file, so iresnet100 (or a test stand-in) loads the same way."""
-        state = load_state_dict(ARCFACE_WEIGHTS, folder)
-        network = IResNet(config_of(ArcFaceConfig.from_state_dict, state, ARCFACE_WEIGHTS, folder))
-        load_into(network, state, ARCFACE_WEIGHTS, ARCFACE_WEIGHTS.path_in(folder))
-        return cls(network, device)
+        return cls(load_network(ARCFACE_WEIGHTS, folder, ArcFaceConfig.from_state_dict, IResNet), device)
 
     @torch.no_grad()
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:

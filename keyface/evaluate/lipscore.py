@@ -265,7 +265,7 @@ def load_vsr_encoder(folder: str | os.PathLike, max_blocks: int | None = None) -
         if not key.startswith("encoders.") or int(key.split(".")[1]) < config.blocks
     }
     encoder = VsrEncoder(config)
-    load_into(encoder, kept, VSR_WEIGHTS, VSR_WEIGHTS.path_in(folder))
+    load_into(encoder, kept, VSR_WEIGHTS, folder)
     return encoder.eval()
 
 

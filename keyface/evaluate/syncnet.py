@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .signals import MFCC_PER_FRAME
-from .weights import SYNCNET_WEIGHTS, config_of, load_into, load_state_dict
+from .weights import SYNCNET_WEIGHTS, load_network
 
 SYNCNET_FRAMES = 5  # video frames per SyncNet input
 SYNCNET_MFCC = SYNCNET_FRAMES * MFCC_PER_FRAME  # 20 MFCC windows
@@ -129,10 +129,7 @@ class SyncScorer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> SyncScorer:
         """Load ``syncnet_v2.model`` (or ``syncnet_v2.safetensors``) from the evaluation weights folder."""
-        state = load_state_dict(SYNCNET_WEIGHTS, folder)
-        network = SyncNet(config_of(SyncNetConfig.from_state_dict, state, SYNCNET_WEIGHTS, folder))
-        load_into(network, state, SYNCNET_WEIGHTS, SYNCNET_WEIGHTS.path_in(folder))
-        return cls(network, device)
+        return cls(load_network(SYNCNET_WEIGHTS, folder, SyncNetConfig.from_state_dict, SyncNet), device)
 
     @torch.no_grad()
     def audio_features(self, mfcc: np.ndarray, frames: range) -> np.ndarray:

@@ -82,18 +82,29 @@ def config_of(read_config, state: dict[str, torch.Tensor], weights: EvalWeights,
         ) from None
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: EvalWeights, path: Path) -> None:
-    """Copy ``state`` into ``module`` strictly; a key or shape mismatch is one CheckpointError line."""
-    expected = module.state_dict()
+def load_network(weights: EvalWeights, folder: str | os.PathLike, read_config, build, prepare=None):
+    r"""The network of ``weights`` in ``folder``: its tensors (``prepare``\ d), its size read from them
+    (``read_config``), ``build(config)`` filled with them (float32). Every problem is one line."""
+    state = load_state_dict(weights, folder)
+    if prepare is not None:
+        state = prepare(state)
+    config = config_of(read_config, state, weights, folder)
+    network = build(config)
+    load_into(network, state, weights, folder)
+    return network
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: EvalWeights, folder) -> None:
+    """``state`` into ``module`` as float32 through the library's one strict loader
+    (:func:`keyface.checkpoints.load.load_tensors_into`)."""
+    from ..checkpoints.load import load_tensors_into
+
     # Files saved by PyTorch < 0.4 (syncnet_v2.model) have no BatchNorm step counters; eval mode ignores them.
-    missing = sorted(key for key in set(expected) - set(state) if not key.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(key for key in set(expected) & set(state) if expected[key].shape != state[key].shape)
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        )
-        raise CheckpointError(f"{weights.what}: {path} does not match the network ({detail}); {weights.origin}")
-    module.load_state_dict({key: value.float() for key, value in state.items()}, strict=False)
+    load_tensors_into(
+        module,
+        {key: value.float() for key, value in state.items()},
+        weights.path_in(folder),
+        [],
+        expected=f"expected the {weights.what}; {weights.origin}",
+        optional=("num_batches_tracked",),
+    )
