@@ -161,8 +161,7 @@ def place_models(models, device, offload: str = "auto") -> str:
     device = torch.device(device)
     check_offload(offload)
     if offload == "auto":
-        budget = free_device_memory(device)
-        offload = "none" if device.type == "cpu" else MemoryEstimate.for_models(models).offload_mode(budget)
+        offload = MemoryEstimate.for_models(models).offload_mode(free_device_memory(device))  # CPU: none
         logger.info("offload: %s", offload)
     if offload == "none":
         for module in models.parts().values():

@@ -70,7 +70,7 @@ def plan_job(
     settings = settings or GenerationSettings()
     schedule = plan_schedule(frames, settings.schedule)
     if offload == "auto":
-        offload = "none" if budget_bytes is None else estimate.offload_mode(budget_bytes)
+        offload = estimate.offload_mode(budget_bytes)
     block = DECODE_BLOCK_FRAMES if budget_bytes is None else estimate.decode_block(budget_bytes, offload)
     estimate = estimate.with_decode_block(block)
     per_call = settings.segments_per_call
