@@ -75,6 +75,23 @@ CORE_TITLES = {
     "UpscaleModelLoader": "Load Upscale Model",
 }
 NOTE = "MarkdownNote"  # a frontend-only node: in the UI file, not in the API file
+KEYFACE_HUB = "Hugging Face `toninio19/keyface`"
+NO_AUTOGUIDANCE = "none"  # the loader's choice of no autoguidance network
+# The KeyFace Model Loader's file inputs: (folder under ComfyUI/models/, what the file is, where it comes from).
+# The loader's other inputs (device, precision) name no file.
+LOADER_FILES = {
+    "keyframe": ("keyface", "stage 1, the keyframe network", f"{KEYFACE_HUB} (released as `.pt`; both load)"),
+    "interpolation": ("keyface", "stage 2, the in-between frames", f"{KEYFACE_HUB} (released as `.pt`)"),
+    "autoguidance": ("keyface", "stage 2's autoguidance network", f"{KEYFACE_HUB} (released as `.pt`)"),
+    "vae": (
+        "keyface",
+        "SVD's VAE (a diffusers folder)",
+        "`stabilityai/stable-video-diffusion-img2vid`, folder `vae` (gated)",
+    ),
+    "wavlm": ("keyface/audio", "WavLM Base+ speech encoder", KEYFACE_HUB),
+    "beats": ("keyface/audio", "BEATs audio encoder", KEYFACE_HUB),
+    "wav2vec2": ("keyface/audio", "wav2vec2 speech encoder (a folder)", "`facebook/wav2vec2-base-960h`"),
+}
 
 
 @dataclass
@@ -153,6 +170,22 @@ def execution_order(graph: Graph) -> dict[int, int]:
     return order
 
 
+def model_files(graph: Graph, nodes: dict) -> str:
+    """The note's list of the weight files the graph's KeyFace Model Loader reads, with where each comes from."""
+    loader = next(node for node in graph.nodes if node.type == "KeyFaceModelLoader")
+    lines = []
+    for slot in node_spec(loader.type, nodes).inputs:
+        name = loader.widgets.get(slot.name, slot.default)
+        if slot.name in LOADER_FILES and name != NO_AUTOGUIDANCE:
+            folder, what, source = LOADER_FILES[slot.name]
+            lines.append(f"- `models/{folder}/{name}`: {what}, from {source}")
+    return (
+        "**Model files** (in ComfyUI's `models/` folder; `python -m keyface download --models "
+        "ComfyUI/models/keyface` fetches them all, `python -m keyface demo --weights-only --models "
+        "ComfyUI/models/keyface` puts tiny random ones there to try the graph):\n\n" + "\n".join(lines)
+    )
+
+
 def ui_workflow(graph: Graph, nodes: dict) -> dict:
     specs = {node.id: node_spec(node.type, nodes) for node in graph.nodes}
     link_rows = []
@@ -208,24 +241,25 @@ def ui_workflow(graph: Graph, nodes: dict) -> dict:
         if node.title:
             ui_node["title"] = node.title
         ui_nodes.append(ui_node)
-    for note in graph.notes:
-        ui_nodes.append(
-            {
-                "id": note.id,
-                "type": NOTE,
-                "pos": list(note.pos),
-                "size": list(note.size),
-                "flags": {},
-                "order": len(ui_nodes),
-                "mode": 0,
-                "inputs": [],
-                "outputs": [],
-                "properties": {},
-                "widgets_values": [note.widgets["text"]],
-                "color": "#432",
-                "bgcolor": "#653",
-            }
-        )
+    # the notes first in the file (and top left on the canvas): the first thing a template shows
+    ui_nodes[:0] = [
+        {
+            "id": note.id,
+            "type": NOTE,
+            "pos": list(note.pos),
+            "size": list(note.size),
+            "flags": {},
+            "order": len(graph.nodes) + index,
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {},
+            "widgets_values": [note.widgets["text"] + "\n\n" + model_files(graph, nodes)],
+            "color": "#432",
+            "bgcolor": "#653",
+        }
+        for index, note in enumerate(graph.notes)
+    ]
     for row in link_rows:  # the input slot index, now that every node's input list is known
         ui_node = next(n for n in ui_nodes if n["id"] == row[3])
         row[4] = next(i for i, entry in enumerate(ui_node["inputs"]) if entry["name"] == row[4])
@@ -292,6 +326,10 @@ def base_nodes(audio_file: str = SPEECH, sampler: dict | None = None) -> list[No
     ]
 
 
+# The examples shipped with two segments per call, the node's default then (now 0, auto); kept so that saved
+# job folders and results of the shipped graphs stay the same.
+SHIPPED_INTERPOLATOR = {"segments_per_call": 2}
+
 BASE_LINKS = [
     (1, "IMAGE", 2, "image"),
     (3, "model", 4, "model"),
@@ -302,7 +340,7 @@ BASE_LINKS = [
 ]
 
 
-def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = (660, 230)) -> Node:
+def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = (700, 500)) -> Node:
     return Node(node_id, NOTE, pos, size, {"text": text})
 
 
@@ -311,14 +349,14 @@ GRAPHS = [
         "keyface_portrait_speech",
         base_nodes()
         + [
-            Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200)),
+            Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200), SHIPPED_INTERPOLATOR),
             Node(7, "KeyFaceVideoCombine", (1420, 120), (320, 420)),
         ],
         BASE_LINKS + [(5, "keyframes", 6, "keyframes"), (6, "video", 7, "video")],
         [
             note(
                 20,
-                (0, -280),
+                (0, -540),
                 "## KeyFace: portrait + speech\n\nRuns as shipped on the pack's sample inputs (put into ComfyUI's "
                 f"input folder when the pack loads): a drawn portrait, `{PORTRAIT}`, and synthetic speech, "
                 f"`{SPEECH}`. **Replace them with your own**: a portrait in **Load Image** and a recording (or a "
@@ -333,7 +371,7 @@ GRAPHS = [
         base_nodes(SPEECH_LONG)
         + [
             Node(9, "KeyFaceEmotionCurve", (360, 680), (440, 360), {"emotion": EMOTION_CURVE, "duration": 19.2}),
-            Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200)),
+            Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200), SHIPPED_INTERPOLATOR),
             Node(7, "KeyFaceVideoCombine", (1420, 120), (320, 420), {"filename_prefix": "video/KeyFace_emotion"}),
         ],
         BASE_LINKS
@@ -347,7 +385,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -280),
+                (0, -540),
                 "## Emotion across the clip\n\nThe curve goes from neutral to happy (4-10 s) to sad "
                 "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
                 "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
@@ -374,7 +412,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -280),
+                (0, -540),
                 "## Long form, upscaled\n\nFor minutes or hours of speech: the keyframes are not decoded for "
                 "preview (keyframe_image_size 0), four segments go through the network per call, and **KeyFace "
                 "Video Combine** upscales every frame with the upscale model while it writes the mp4, so memory "
@@ -398,7 +436,7 @@ GRAPHS = [
             Node(14, "ImageFromBatch", (1060, 1020), (270, 100), {"batch_index": 2, "length": 4096}, "Keyframes after"),
             Node(15, "ImageBatch", (1660, 800), (160, 50)),
             Node(16, "ImageBatch", (1860, 900), (160, 50)),
-            Node(6, "KeyFaceKeyframeInterpolator", (1860, 120), (320, 220)),
+            Node(6, "KeyFaceKeyframeInterpolator", (1860, 120), (320, 220), SHIPPED_INTERPOLATOR),
             Node(7, "KeyFaceVideoCombine", (2220, 120), (320, 420), {"filename_prefix": "video/KeyFace_edited"}),
         ],
         BASE_LINKS
@@ -418,7 +456,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -280),
+                (0, -540),
                 "## Inspect and edit keyframes\n\n**Keyframes** shows every keyframe (one per 13 "
                 "frames). Keyframe 1 (video frame 13) is taken out, sharpened as a stand-in for your retouch, and "
                 "put back in place; the interpolator replaces the keyframes that changed and the motion follows. "
