@@ -536,3 +536,53 @@ def test_install_sample_inputs_when_the_input_folder_is_not_writable(tmp_path, c
         assert samples.install_sample_inputs(tmp_path) == []
     assert len(caplog.records) == 1 and "sample inputs were not put into" in caplog.records[0].getMessage()
     assert not (tmp_path / samples.SAMPLE_PORTRAIT).exists()
+
+
+# KeyFace Model Loader inputs that are settings; every other combo of it names a file (or folder) it loads.
+LOADER_SETTINGS = {"device", "precision"}
+THUMBNAIL_MAX_BYTES = 100 * 1024
+
+
+def needed_model_files(workflow: dict) -> list[str]:
+    """The file names the graph's loaders read: the KeyFace Model Loader's files and a core upscale model."""
+    names = []
+    for node in workflow["nodes"]:
+        if node["type"] == "KeyFaceModelLoader":
+            combos = {name for name, kind, _, _ in node_inputs(node["type"]) if kind == "COMBO"}
+            values = widget_values(node)
+            names += [values[name] for name in sorted(combos - LOADER_SETTINGS) if values[name] != "none"]
+        elif node["type"] == "UpscaleModelLoader":
+            names.append(widget_values(node)["model_name"])
+    return names
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_opens_with_a_note_naming_its_model_files(name, empty_models_folder):
+    """The first node of every template (first in the file, top left on the canvas) is a Markdown note that
+    names each weight file the graph's loaders read, and where the KeyFace ones go."""
+    nodes = load_ui(name)["nodes"]
+    note = nodes[0]
+    assert note["type"] == "MarkdownNote", f"{name}: the first node is a {note['type']}"
+    assert note["pos"][0] <= min(node["pos"][0] for node in nodes), f"{name}: the note is not leftmost"
+    assert note["pos"][1] <= min(node["pos"][1] for node in nodes), f"{name}: the note is not topmost"
+    text = note["widgets_values"][0]
+    files = needed_model_files(load_ui(name))
+    assert len(files) >= 7, f"{name}: {files}"  # two stages, autoguidance, VAE, three audio encoders
+    missing = [file for file in files if f"{file}`" not in text]
+    assert not missing, f"{name}: the note does not name {missing}"
+    assert "models/keyface/" in text and "models/keyface/audio/" in text, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_has_its_thumbnail(name):
+    """ComfyUI's template browser shows ``workflows/<name>.jpg``: a decodable square JPEG under 100 KB."""
+    from PIL import Image
+
+    path = WORKFLOWS / f"{name}.jpg"
+    assert path.is_file(), f"{name}: no thumbnail {path.name} (python scripts/make_thumbnails.py)"
+    assert 0 < path.stat().st_size < THUMBNAIL_MAX_BYTES, f"{path.name}: {path.stat().st_size} bytes"
+    with Image.open(path) as image:
+        assert image.format == "JPEG", f"{path.name}: {image.format}"
+        image.load()  # decodes every pixel: a truncated file fails here
+        assert image.width == image.height >= 256, f"{path.name}: {image.size}"
+        assert np.asarray(image.convert("L")).std() > 10, f"{path.name}: blank"
