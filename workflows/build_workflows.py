@@ -186,6 +186,27 @@ def model_files(graph: Graph, nodes: dict) -> str:
     )
 
 
+# Measured on 2 shared CPU cores (tests/test_workflows.py runs, README): the whole graph on the demo weights.
+DEMO_CPU_TIME = {SPEECH: "about 30 s", SPEECH_LONG: "about 2 minutes"}
+# One full-size UNet pass over a 14-frame clip (bench/unet_forward.py's network, float32, 2 CPU cores) took
+# over 90 s already at a 32 x 32 latent, a quarter of the released 64 x 64. A second of video needs about 43
+# passes: keyframes 10 steps x 3 guidance branches per 14 keyframes (7.3 s), in-between frames 10 steps x 2
+# networks per segment of 13 frames.
+RELEASED_CPU_TIME = (
+    "with the released weights, over an hour per second of video (about 43 passes of the full-size network "
+    "per second, each over 90 s on 2 cores): use a CUDA GPU"
+)
+
+
+def cpu_time(graph: Graph) -> str:
+    """The note's line on how long the graph takes on a CPU."""
+    audio = next(node for node in graph.nodes if node.type == "KeyFaceLoadAudio").widgets["audio"]
+    return (
+        f"**Time on a CPU**: {RELEASED_CPU_TIME}. On the demo weights the graph runs as shipped in "
+        f"{DEMO_CPU_TIME[audio]} (2 cores)."
+    )
+
+
 def ui_workflow(graph: Graph, nodes: dict) -> dict:
     specs = {node.id: node_spec(node.type, nodes) for node in graph.nodes}
     link_rows = []
@@ -254,7 +275,7 @@ def ui_workflow(graph: Graph, nodes: dict) -> dict:
             "inputs": [],
             "outputs": [],
             "properties": {},
-            "widgets_values": [note.widgets["text"] + "\n\n" + model_files(graph, nodes)],
+            "widgets_values": ["\n\n".join((note.widgets["text"], model_files(graph, nodes), cpu_time(graph)))],
             "color": "#432",
             "bgcolor": "#653",
         }
@@ -340,7 +361,7 @@ BASE_LINKS = [
 ]
 
 
-def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = (700, 500)) -> Node:
+def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = (720, 630)) -> Node:
     return Node(node_id, NOTE, pos, size, {"text": text})
 
 
@@ -356,7 +377,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -540),
+                (0, -680),
                 "## KeyFace: portrait + speech\n\nRuns as shipped on the pack's sample inputs (put into ComfyUI's "
                 f"input folder when the pack loads): a drawn portrait, `{PORTRAIT}`, and synthetic speech, "
                 f"`{SPEECH}`. **Replace them with your own**: a portrait in **Load Image** and a recording (or a "
@@ -385,7 +406,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -540),
+                (0, -680),
                 "## Emotion across the clip\n\nThe curve goes from neutral to happy (4-10 s) to sad "
                 "(from 14 s). Drag the points in **KeyFace Emotion Curve**, or type e.g. `neutral at 0 s, happy at "
                 "4 s, sad at 14 s`. Its duration comes from the audio. **KeyFace Video Combine** pastes the animated "
@@ -412,7 +433,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -540),
+                (0, -680),
                 "## Long form, upscaled\n\nFor minutes or hours of speech: the keyframes are not decoded for "
                 "preview (keyframe_image_size 0), four segments go through the network per call, and **KeyFace "
                 "Video Combine** upscales every frame with the upscale model while it writes the mp4, so memory "
@@ -456,7 +477,7 @@ GRAPHS = [
         [
             note(
                 20,
-                (0, -540),
+                (0, -680),
                 "## Inspect and edit keyframes\n\n**Keyframes** shows every keyframe (one per 13 "
                 "frames). Keyframe 1 (video frame 13) is taken out, sharpened as a stand-in for your retouch, and "
                 "put back in place; the interpolator replaces the keyframes that changed and the motion follows. "
