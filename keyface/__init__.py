@@ -8,7 +8,7 @@ Importing the package is cheap: heavy modules are imported where they are used.
 
 from .errors import CheckpointError, InputError, Interrupted, KeyFaceError, MissingWeightsError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointError",

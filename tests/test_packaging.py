@@ -99,3 +99,9 @@ def test_requirements_txt_lists_the_runtime_dependencies():
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     listed = {requirement_name(line) for line in lines if line.strip() and not line.startswith("#")}
     assert {requirement_name(requirement) for requirement in PROJECT["dependencies"]} <= listed
+
+
+def test_library_version_is_the_distribution_version():
+    import keyface
+
+    assert keyface.__version__ == PROJECT["version"]
