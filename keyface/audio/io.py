@@ -164,6 +164,12 @@ class AudioFileStream:
             self.sample_rate = int(stream.rate or stream.codec_context.sample_rate)
             self.channels = int(stream.codec_context.channels)
 
+    def check(self) -> None:
+        """Decode the first samples: an empty or undecodable track raises its InputError now, not mid-run."""
+        first = self.blocks(block_seconds=0)
+        next(first)
+        first.close()
+
     @contextmanager
     def _open(self):
         import av  # imported here: decoding is the only user
