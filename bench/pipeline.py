@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 PHASES = ("setup", "load_models", "audio_features", "identity", "keyframes", "interpolation", "frames", "finalise")
+# --scope parts: what grows with the length, without sampling (see the module doc)
+PART_PHASES = ("setup", "load_models", "audio_features", "bookkeeping", "mux")
+PARTS_SAMPLE_RATE = 44_100  # the synthetic track of --scope parts: 44.1 kHz stereo, as a typical input
 RSS_SAMPLE_SECONDS = 0.2
 
 
@@ -43,10 +46,10 @@ class PhaseClock:
     """Charges the wall time since the previous charge to a phase; samples RSS in the background and keeps the
     largest value seen while each phase was running."""
 
-    def __init__(self):
+    def __init__(self, phases=PHASES):
         self.last = time.perf_counter()
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.peak_rss = dict.fromkeys(PHASES, 0)
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self.peak_rss = dict.fromkeys(phases, 0)
         self.running = "setup"
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
@@ -137,11 +140,75 @@ def child(args) -> None:
     emit(f"{tag}_peak_rss_mb", peak / 2**20)
 
 
+def parts_child(args) -> None:
+    """The parts of a generation whose memory grows with the length, in this fresh process, on the demo
+    weights: decoding + resampling + the three audio encoders (``extract`` of the file, streamed), the job's
+    bookkeeping (schedule, seeded noise, conditioning digests, job folder: a ``TalkingHeadJob`` built, not
+    run) and the mux (``Mp4Writer`` with the file's AAC track streamed, one 16x16 frame per audio frame)."""
+    clock = PhaseClock(PART_PHASES)
+    import numpy as np
+    import torch
+
+    from keyface.audio.features import AudioFeatureExtractor
+    from keyface.emotion import parse_emotion
+    from keyface.loading import find_model_files, load_models
+    from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
+    from keyface.video import Mp4Writer, StreamedAudioTrack
+
+    clock.charge("setup", "load_models")
+    files = find_model_files(args.models)
+    models = load_models(files, "cpu", torch.float32)
+    clock.charge("load_models", "audio_features")
+    features = AudioFeatureExtractor.from_folder(files.audio).extract(args.audio)
+    clock.charge("audio_features", "bookkeeping")
+    valence, arousal = parse_emotion("neutral").per_frame(features.num_frames)
+    identity = torch.zeros(1, *models.latent_shape)
+    conditioning = Conditioning(identity, features.keyframe, features.interpolation, valence, arousal)
+    job = TalkingHeadJob(models, conditioning, GenerationSettings(), job_folder=Path(args.out).parent / "job")
+    clock.charge("bookkeeping", "mux")
+    frame = np.zeros((16, 16, 3), np.uint8)
+    with Mp4Writer(args.out, audio=StreamedAudioTrack(args.audio), preset="ultrafast") as writer:
+        for _ in range(job.schedule.n_output_frames):
+            writer.write(frame)
+    clock.charge("mux")
+    clock.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tag = f"pipeline_{args.seconds[0]:g}s"
+    emit(f"{tag}_frames", features.num_frames)
+    for phase in PART_PHASES:
+        emit(f"{tag}_{phase}_s", clock.seconds[phase], peak_rss_mb=round(clock.peak_rss[phase] / 2**20, 1))
+    emit(f"{tag}_peak_rss_mb", peak / 2**20)
+
+
+def write_parts_audio(path: Path, seconds: float) -> Path:
+    """Speech-like 44.1 kHz stereo WAV of ``seconds``, written a minute at a time (the bench never holds it)."""
+    import wave
+
+    import numpy as np
+
+    from keyface.demo import speech_like_waveform
+
+    minute = speech_like_waveform(60.0, PARTS_SAMPLE_RATE)
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(2)
+        file.setsampwidth(2)
+        file.setframerate(PARTS_SAMPLE_RATE)
+        left = round(seconds * PARTS_SAMPLE_RATE)
+        while left > 0:
+            piece = minute[: min(left, minute.size)]
+            stereo = np.stack([piece, 0.5 * piece[::-1]], axis=1)  # two different channels
+            file.writeframes((np.clip(stereo, -1, 1) * 32767).astype("<i2").tobytes())
+            left -= piece.size
+    return path
+
+
 def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict]:
     from keyface.demo import write_demo_inputs
 
     folder = work / f"{seconds:g}s"
-    image, audio = write_demo_inputs(folder, seconds)
+    image, audio = write_demo_inputs(folder, seconds if args.scope == "generate" else 1.0)
+    if args.scope == "parts":
+        audio = write_parts_audio(folder / "speech44k.wav", seconds)
     command = [
         sys.executable,
         __file__,
@@ -160,6 +227,8 @@ def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict
         args.device,
         "--segments-per-call",
         str(args.segments_per_call),
+        "--scope",
+        args.scope,
     ]
     env = {**os.environ, "KEYFACE_CACHE_DIR": str(folder / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -179,6 +248,12 @@ def main() -> None:
     parser.add_argument("--seconds", nargs="+", type=float, default=[10.0, 600.0], help="clip lengths (default 10 600)")
     parser.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per network call")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--scope",
+        choices=("parts", "generate"),
+        default="parts",
+        help="parts: decode, features, bookkeeping, mux (no sampling; default); generate: the whole generation",
+    )
     parser.add_argument("--models", type=Path, default=None, help="demo weights folder (default: the demo's cache)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
@@ -186,7 +261,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        (parts_child if args.scope == "parts" else child)(args)
         return
     from keyface.demo import default_demo_folder, write_demo_weights
 
@@ -199,6 +274,13 @@ def main() -> None:
     peak = {s: results[s][f"pipeline_{s:g}s_peak_rss_mb"]["value"] for s in results}
     if longest != shortest:
         emit(f"peak_rss_ratio_{longest:g}s_vs_{shortest:g}s", peak[longest] / peak[shortest])
+    if args.scope == "parts":
+        print(f"\n{'phase':>16}" + "".join(f"{s:>12g} s" for s in results), file=sys.stderr)
+        for phase in PART_PHASES:
+            row = "".join(f"{results[s][f'pipeline_{s:g}s_{phase}_s']['peak_rss_mb']:>11.1f} MB" for s in results)
+            print(f"{phase:>16}{row}", file=sys.stderr)
+        print(f"{'peak RSS MB':>16}" + "".join(f"{peak[s]:>14.1f}" for s in results), file=sys.stderr)
+        return
     print(
         f"\nseconds of wall time per second of video (tiny demo weights, {args.device}, "
         f"{args.segments_per_call} segments per call):",
