@@ -96,7 +96,7 @@ def test_streamed_features_are_memory_mapped_and_equal_the_in_memory_ones(tmp_pa
 
 MUX_SCRIPT = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     import numpy as np
     from keyface.video import Mp4Writer, StreamedAudioTrack
     track = StreamedAudioTrack(sys.argv[1])
@@ -105,11 +105,13 @@ MUX_SCRIPT = textwrap.dedent(
     with Mp4Writer(sys.argv[2], audio=track, preset="ultrafast") as writer:
         for _ in range(frames):
             writer.write(frame)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # VmHWM: this process's own peak (ru_maxrss would also count the forking parent's memory, kept across exec)
+    print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
     """
 )
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak memory is read from /proc (Linux)")
 def test_mux_of_a_long_track_holds_bounded_memory(tmp_path):
     peaks = {}
     for seconds in (20, 120):
@@ -134,5 +136,5 @@ def test_mux_of_a_long_track_holds_bounded_memory(tmp_path):
         assert correlation > 0.6  # the source's own samples (AAC of noise), not silence or a shift
     growth = peaks[120] - peaks[20]
     print(f"mux peak RSS: 20 s {peaks[20]:.1f} MB, 120 s {peaks[120]:.1f} MB, growth {growth:.1f} MB")
-    # holding the 120 s track (float32 stereo: 42 MB; 35 MB more than the 20 s one) would show here
-    assert growth < 12, peaks
+    # holding the track whole (float32 stereo: 42 MB at 120 s, 35 MB more than at 20 s) would show here
+    assert growth < 20, peaks
