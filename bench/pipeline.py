@@ -1,21 +1,28 @@
-"""Wall time per second of video for each pipeline stage, and peak memory for a short vs a long clip.
+"""Peak memory of a short vs a long clip, and wall time per stage; not part of the test suite.
 
-Not part of the test suite. Runs ``keyface.generate.generate_video`` - what ``python -m keyface generate`` runs,
-writing a real mp4 with the audio - on the demo's tiny random weights (:mod:`keyface.demo`), a drawn portrait
-and synthetic speech of each requested length. Each length runs in a fresh child process (cold feature cache,
-own job folder) whose peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at its end) is therefore its own.
+Each length runs in a fresh child process (cold feature cache, own job folder) whose peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss`` at its end) is therefore its own. Two scopes:
 
-Time is attributed to phases: ``setup`` (argument checks, decoding the audio, the crop), ``load_models``,
-``audio_features`` (the three encoders), ``identity`` (VAE encoding of the portrait), then by
-``ProgressEvent.stage`` while the job runs - ``keyframes``, ``interpolation``, ``frames`` (decoding + mp4
-encoding of the frames) - and ``finalise`` (closing the mp4, removing the job folder). A background sampler
-also records the largest RSS seen in each phase, to show what grows with the length.
+* ``--scope parts`` (default): the parts whose memory grows with the length, on the demo's tiny random weights
+  (:mod:`keyface.demo`) and synthetic speech-like 44.1 kHz stereo WAV of each length (hour-long generation is
+  too slow on a CPU even with the demo weights): ``load_models``; ``audio_features`` = decoding, downmix and
+  resampling to 16 kHz and the three encoders, streamed from the file
+  (``AudioFeatureExtractor.extract(path)``); ``bookkeeping`` = a ``TalkingHeadJob`` built, not run (schedule,
+  seeded noise, conditioning digests, job folder); ``mux`` = ``Mp4Writer`` with the file's track streamed
+  (``StreamedAudioTrack``) and one 16x16 black frame per output frame (x264 ultrafast). No sampling, no VAE.
+* ``--scope generate``: ``keyface.generate.generate_video`` - what ``python -m keyface generate`` runs, writing a
+  real mp4 with the audio - on the demo weights, a drawn portrait and synthetic 16 kHz speech. Time is
+  attributed to phases: ``setup`` (argument checks, the crop), ``load_models``, ``audio_features``,
+  ``identity`` (VAE encoding of the portrait), then by ``ProgressEvent.stage`` while the job runs -
+  ``keyframes``, ``interpolation``, ``frames`` (decoding + mp4 encoding of the frames) - and ``finalise``.
 
-stdout: one JSON object per line, e.g. ``{"metric": "pipeline_10s_keyframes_s_per_video_s", "value": 0.42}``,
-ending with ``{"metric": "peak_rss_ratio_600s_vs_10s", "value": 1.05}``; stderr: the same as a table.
+A background sampler records the largest RSS seen in each phase, to show what grows with the length.
 
-    python bench/pipeline.py                                  # 10 s and 600 s (10 min)
-    python bench/pipeline.py --seconds 10 300 --segments-per-call 4
+stdout: one JSON object per line, e.g. ``{"metric": "pipeline_10s_mux_s", "value": 4.3, "peak_rss_mb": 902.2}``,
+ending with ``{"metric": "peak_rss_ratio_3600s_vs_10s", "value": ...}`` (longest vs shortest); stderr: a table.
+
+    python bench/pipeline.py --seconds 10 3600                       # parts, 10 s and one hour
+    python bench/pipeline.py --scope generate --seconds 10 300 --segments-per-call 4
 """
 
 from __future__ import annotations
@@ -245,7 +252,7 @@ def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", nargs="+", type=float, default=[10.0, 600.0], help="clip lengths (default 10 600)")
+    parser.add_argument("--seconds", nargs="+", type=float, default=[10.0, 3600.0], help="lengths (default 10 3600)")
     parser.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per network call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
