@@ -86,12 +86,12 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     next to the output).
     """
     from .audio.features import AudioFeatureExtractor
-    from .audio.io import load_audio
+    from .audio.io import AudioFileStream
     from .emotion import parse_emotion
     from .face import PasteBack, crop_face, parse_crop
     from .identity import load_identity_image
     from .loading import find_model_files, load_models, resolve_device, resolve_dtype
-    from .video import AudioTrack, MapSink, Mp4Writer
+    from .video import MapSink, Mp4Writer, StreamedAudioTrack
 
     settings = request.settings
     check_frame_rate(request.fps)
@@ -101,13 +101,14 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     files = find_model_files(request.models_folder, autoguidance=settings.autoguidance_scale != 1.0)
     torch_device = resolve_device(request.device)
     dtype = resolve_dtype(request.precision, torch_device)
-    clip = load_audio(request.audio)
+    audio = AudioFileStream(request.audio)  # streamed: an hour of audio is never held whole
+    audio.check()
     picture = load_identity_image(request.image, name="--image")  # file messages add the path
     face = crop_face(
         picture, crop_request, size=RELEASED_IMAGE_SIZE, face_index=request.face_index, name=f"--image {request.image}"
     )
     out = Path(request.out).expanduser()
-    audio_track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
+    audio_track = StreamedAudioTrack(request.audio)
     metadata = {EMOTION_METADATA_KEY: curve.to_json()}  # read back by python -m keyface evaluate
     writer = Mp4Writer(out, fps=round(request.fps), audio=audio_track, crf=request.crf, metadata=metadata)
     with writer:
@@ -119,7 +120,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
             apply_speed_options(models, compile=request.compile, channels_last=request.channels_last)
         extractor = AudioFeatureExtractor.from_folder(files.audio, device=torch_device)
         features = extractor.extract(
-            clip, mode=audio_feature_mode(settings.schedule), progress=counting(progress, AUDIO_FEATURES)
+            audio, mode=audio_feature_mode(settings.schedule), progress=counting(progress, AUDIO_FEATURES)
         )
         del extractor  # its audio encoders leave the device before the UNets need it
         valence, arousal = curve.per_frame(features.num_frames)

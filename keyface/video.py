@@ -313,6 +313,62 @@ class AudioTrack:
         return np.ascontiguousarray(piece)
 
 
+class StreamedAudioTrack:
+    """The first audio track of a file, muxed without holding it: decoded block by block as the writer asks
+    for its samples (and resampled to 48 kHz when AAC cannot store its rate, as :meth:`AudioTrack.muxable`),
+    so the memory it takes does not grow with the length.
+
+    Samples are read in order (``segment`` from where the previous one stopped; asking for sample 0 again
+    starts the file over), which is how :class:`Mp4Writer` reads its track.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from .audio.io import AudioFileStream
+
+        self._source = AudioFileStream(path)
+        if self._source.channels not in CHANNEL_LAYOUTS:
+            raise InputError(f"audio: {path} has {self._source.channels} channels; the output video takes 1-8")
+        rate = self._source.sample_rate
+        self.sample_rate = rate if rate in AAC_SAMPLE_RATES else 48000
+        self._start_over()
+
+    @property
+    def channels(self) -> int:
+        return self._source.channels
+
+    def segment(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) as (channels, stop - start) float32, zero-padded past the end."""
+        if start == 0 and self._position != 0:
+            self._start_over()
+        if start != self._position:
+            raise KeyFaceError(f"{self!r}: samples are read in order; asked for {start}, next is {self._position}")
+        while self._buffer.shape[1] < stop - start and self._pieces is not None:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._pieces = None
+                piece = self._resampler.finish()
+            self._buffer = np.concatenate([self._buffer, np.asarray(piece, np.float32).reshape(self.channels, -1)], 1)
+        piece, self._buffer = self._buffer[:, : stop - start], self._buffer[:, stop - start :]
+        self._position = stop
+        missing = (stop - start) - piece.shape[1]
+        if missing > 0:
+            piece = np.concatenate([piece, np.zeros((self.channels, missing), np.float32)], axis=1)
+        return np.ascontiguousarray(piece)
+
+    def _start_over(self) -> None:
+        import torch
+
+        from .audio.io import ResampleStream
+
+        self._resampler = ResampleStream(self._source.sample_rate, self.sample_rate)
+        self._pieces = (self._resampler.push(torch.from_numpy(block)) for block in self._source.blocks())
+        self._buffer = np.zeros((self.channels, 0), np.float32)
+        self._position = 0
+
+    def __repr__(self) -> str:
+        return f"StreamedAudioTrack({self._source.source!r})"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # mp4 writing
 
@@ -343,7 +399,8 @@ class Mp4Writer(FrameSink):
     Args:
         path: the output file; extension .mp4, .m4v, .mov or .mkv.
         fps: frames per second (int or Fraction).
-        audio: the track to mux (:class:`AudioTrack`), or None for a silent video.
+        audio: the track to mux (:class:`AudioTrack`; :class:`StreamedAudioTrack` for a long file), or None
+            for a silent video.
         crf: x264 constant-rate factor (0 lossless - 51 worst).
         preset: x264 speed/size preset ("ultrafast" ... "veryslow").
         metadata: string tags stored in the container (e.g. ComfyUI's ``prompt`` / ``workflow`` JSON).
@@ -367,8 +424,10 @@ class Mp4Writer(FrameSink):
             raise InputError(f"fps: must be positive, got {fps}")
         if not 0 <= int(crf) <= 51:
             raise InputError(f"crf: must be in 0-51, got {crf}")
-        if audio is not None and not isinstance(audio, AudioTrack):
-            raise InputError("audio: pass a keyface.video.AudioTrack(waveform, sample_rate) or None")
+        if audio is not None and not isinstance(audio, (AudioTrack, StreamedAudioTrack)):
+            raise InputError(
+                "audio: pass a keyface.video.AudioTrack(waveform, sample_rate), a StreamedAudioTrack(path) or None"
+            )
         for key, value in (metadata or {}).items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise InputError(f"metadata: keys and values must be strings, got {key!r}: {type(value).__name__}")

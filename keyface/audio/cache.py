@@ -5,7 +5,9 @@ An entry is a folder ``<root>/<key>/`` with ``keyframe.npy`` ``(F, 2, Dk)``, ``i
 encoder weights' identities (path, size, mtime: :func:`keyface.audio.weights.file_identity`), the channel
 mode, the dtype and the window settings (see :class:`keyface.audio.features.AudioFeatureExtractor`).
 
-Entries are written under a temporary name and renamed when complete, so an interrupted extraction leaves
+Entries are written block by block (:class:`FeatureFiles`: ordinary reads and writes of row ranges, no
+writable memory map, so writing an hour of features holds one block, not the arrays) under a temporary name
+and renamed when complete, so an interrupted extraction leaves
 nothing usable behind. The cache is capped: after each write the least recently used entries are deleted
 until the total size is under ``max_bytes`` (the entry just written is always kept, even when it alone is
 larger). Default folder: ``features/`` under :func:`keyface.paths.default_cache_root`.
@@ -61,20 +63,15 @@ class FeatureCache:
         return arrays, meta
 
     @contextmanager
-    def write(self, key: str, shapes: dict[str, tuple[int, ...]], meta: dict) -> Iterator[dict[str, np.ndarray]]:
-        """Create entry ``key``: yields zero-filled writable memory maps, committed when the block exits normally."""
+    def write(self, key: str, shapes: dict[str, tuple[int, ...]], meta: dict) -> Iterator[FeatureFiles]:
+        """Create entry ``key``: yields its zero-filled arrays as :class:`FeatureFiles`, committed when the block
+        exits normally."""
         self.root.mkdir(parents=True, exist_ok=True)
         partial = self.root / f"{key}{_PARTIAL}{uuid.uuid4().hex[:8]}"
         partial.mkdir()
         try:
-            arrays = {
-                name: np.lib.format.open_memmap(partial / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
-                for name, shape in shapes.items()
-            }
-            yield arrays
-            for array in arrays.values():
-                array.flush()
-            arrays.clear()  # unmap before the rename (needed on Windows)
+            with FeatureFiles(partial, shapes) as files:
+                yield files
             (partial / _META).write_text(json.dumps({**meta, "created": time.time()}))
             try:
                 partial.rename(self.root / key)
@@ -83,6 +80,13 @@ class FeatureCache:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         self.evict(keep=key)
+
+    def staging_folder(self) -> Path:
+        """A new empty folder in the cache root for temporary files of one extraction (removed by the caller)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder = self.root / f"staging{_PARTIAL}{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        return folder
 
     def entries(self) -> list[tuple[Path, float, int]]:
         """Complete entries as ``(folder, last use time, size in bytes)``, least recently used first."""
@@ -116,3 +120,47 @@ class FeatureCache:
         """Delete every entry."""
         for entry, _, _ in self.entries():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+class FeatureFiles:
+    """Zero-filled float32 ``.npy`` files being written (``name -> shape``), set block by block.
+
+    :meth:`set_columns` reads a range of rows, sets some of their columns and writes them back (plain file I/O
+    at the row offset), so memory holds one block whatever the array size. Used as a context manager: the
+    files are closed on exit.
+    """
+
+    def __init__(self, folder: Path, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = {name: tuple(int(size) for size in shape) for name, shape in shapes.items()}
+        self._files = {}
+        self._offsets = {}
+        for name, shape in self.shapes.items():
+            file = open(folder / f"{name}.npy", "w+b")  # noqa: SIM115 - closed by close()
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(file, {**header, "shape": shape})
+            self._offsets[name] = file.tell()
+            file.truncate(self._offsets[name] + 4 * int(np.prod(shape)))  # sparse zeros
+            self._files[name] = file
+
+    def set_columns(self, name: str, first_row: int, column: int, values: np.ndarray) -> None:
+        """Set rows ``[first_row, first_row + len(values))``, columns ``[column, column + values.shape[1])`` of
+        ``name`` seen as ``(rows, shape[-1])`` (all axes but the last flattened)."""
+        width = self.shapes[name][-1]
+        file = self._files[name]
+        rows = np.zeros((values.shape[0], width), np.float32)
+        file.seek(self._offsets[name] + 4 * width * first_row)
+        stored = np.frombuffer(file.read(rows.nbytes), np.float32)
+        rows.reshape(-1)[: stored.size] = stored
+        rows[:, column : column + values.shape[1]] = values
+        file.seek(self._offsets[name] + 4 * width * first_row)
+        file.write(rows.tobytes())
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+
+    def __enter__(self) -> FeatureFiles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -16,9 +16,10 @@ For ``F`` 25-fps frames of 16 kHz audio (``F = ceil(samples / 640)``):
 Clips too short for BEATs' first 16x16 patch (under 2800 samples, 0.175 s; the original fails there) are
 zero-padded to that length for BEATs only, so any clip of at least one sample gives features (F >= 1).
 
-Long audio is encoded window by window (:mod:`keyface.audio.encoders`) and written straight into the output
-arrays; with a :class:`~keyface.audio.cache.FeatureCache` those are ``.npy`` files, memory-mapped on return,
-so the pipeline can slice ``features.keyframe[a:b]`` chunk by chunk without the whole array in RAM.
+Long audio is encoded window by window (:mod:`keyface.audio.encoders`) from a 16 kHz file the input is
+streamed into, and written block by block into ``.npy`` files; with a :class:`~keyface.audio.cache.FeatureCache`
+they are memory-mapped on return, so the pipeline can slice ``features.keyframe[a:b]`` chunk by chunk without
+the whole array in RAM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +39,17 @@ import torch
 from ..constants import SAMPLES_PER_FRAME
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..files import file_identity
-from .cache import FeatureCache
+from .cache import FEATURE_ARRAYS, FeatureCache, FeatureFiles
 from .encoders import AudioEncoder, WindowConfig, encode_blocks, plan_windows
-from .io import AudioClip, as_audio_clip, num_video_frames, pad_to_frames, to_encoder_waveform
+from .io import (
+    CHANNEL_MODES,
+    AudioClip,
+    AudioFileStream,
+    as_audio_clip,
+    encoder_waveform_blocks,
+    num_video_frames,
+    to_encoder_waveform,
+)
 from .weights import (
     BEATS_FILE,
     BEATS_ORIGIN,
@@ -189,30 +200,21 @@ class AudioFeatureExtractor:
 
     def cache_key(self, waveform_16k: torch.Tensor, mode: str) -> str:
         """Hash of the encoder input waveform, the encoders' identities, mode, dtype and window settings."""
-        identities = {}
-        for role, source in self._sources.items():
-            if isinstance(source, AudioEncoder):
-                identities[role] = source.identity
-            else:
-                identities[role] = file_identity(require_path(source, f"{role} weights", _ORIGINS[role]))
-        settings = {
-            "format": FEATURES_FORMAT,
-            "mode": mode,
-            "dtype": str(self.dtype),
-            "window": [self.window.window_seconds, self.window.context_seconds],
-            "encoders": identities,
-        }
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        digest = self._key_digest(mode)
         digest.update(np.ascontiguousarray(waveform_16k.numpy(), dtype=np.float32).data)
         return digest.hexdigest()[:40]
 
     def extract(
         self,
-        audio: AudioClip | dict | str | os.PathLike,
+        audio: AudioClip | AudioFileStream | dict | str | os.PathLike,
         mode: str = "default",
         progress: ProgressCallback | None = None,
     ) -> AudioFeatures:
-        """Features of ``audio`` (a clip, a ComfyUI ``AUDIO`` dict or a file path).
+        """Features of ``audio`` (a clip, a ComfyUI ``AUDIO`` dict, a file path or an :class:`AudioFileStream`).
+
+        A file is streamed: decoded and resampled to 16 kHz block by block into a file in the cache folder
+        that the encoders read window by window, memory-mapped; the features are written block by block. So
+        memory holds blocks, never the decoded file (a clip or ``AUDIO`` dict is in memory already).
 
         Args:
             audio: the input; see :mod:`keyface.audio.io` for decoding and the channel policy.
@@ -220,25 +222,42 @@ class AudioFeatureExtractor:
             progress: ``progress(done, total)`` after each encoder window; it may raise (e.g.
                 :class:`keyface.errors.Interrupted`) to stop, leaving no cache entry behind.
         """
-        clip = as_audio_clip(audio)
-        waveform = to_encoder_waveform(clip, mode)
-        frames = num_video_frames(waveform.shape[0])
-        if self.cache is None:
-            arrays = {name: np.zeros(shape, np.float32) for name, shape in self._shapes(frames).items()}
-            self._fill(arrays, waveform, frames, progress)
-            return AudioFeatures(torch.from_numpy(arrays["keyframe"]), torch.from_numpy(arrays["interpolation"]), mode)
-        key = self.cache_key(waveform, mode)
-        opened = self.cache.open(key)
-        if opened is None:
-            meta = {"format": FEATURES_FORMAT, "frames": frames, "mode": mode, "source": clip.source}
-            with self.cache.write(key, self._shapes(frames), meta) as arrays:
-                self._fill(arrays, waveform, frames, progress)
-            opened = self.cache.open(key)
+        if mode not in CHANNEL_MODES:
+            raise InputError(f"mode: expected one of {CHANNEL_MODES}, got {mode!r}")
+        if isinstance(audio, (str, os.PathLike)):
+            audio = AudioFileStream(audio)
+        if isinstance(audio, AudioFileStream):
+            source = audio.source
+            pieces = encoder_waveform_blocks(audio.blocks(), audio.sample_rate, mode)
+        else:
+            clip = as_audio_clip(audio)
+            source = clip.source
+            pieces = [to_encoder_waveform(clip, mode)]
+        cache = self.cache
+        staging = cache.staging_folder() if cache is not None else Path(tempfile.mkdtemp(prefix="keyface-features-"))
+        try:
+            waveform, num_valid, key = self._stage_waveform(pieces, staging / "waveform.f32", mode)
+            frames = num_video_frames(num_valid)
+            if cache is None:
+                with FeatureFiles(staging, self._shapes(frames)) as files:
+                    self._fill(files, waveform, num_valid, frames, progress)
+                arrays = {name: np.load(staging / f"{name}.npy") for name in FEATURE_ARRAYS}
+                return AudioFeatures(
+                    torch.from_numpy(arrays["keyframe"]), torch.from_numpy(arrays["interpolation"]), mode
+                )
+            opened = cache.open(key)
             if opened is None:
-                raise OSError(f"the feature cache entry {self.cache.root / key} could not be written")
+                meta = {"format": FEATURES_FORMAT, "frames": frames, "mode": mode, "source": source}
+                with cache.write(key, self._shapes(frames), meta) as files:
+                    self._fill(files, waveform, num_valid, frames, progress)
+                opened = cache.open(key)
+                if opened is None:
+                    raise OSError(f"the feature cache entry {cache.root / key} could not be written")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         arrays, _ = opened
         return AudioFeatures(
-            torch.from_numpy(arrays["keyframe"]), torch.from_numpy(arrays["interpolation"]), mode, self.cache.root / key
+            torch.from_numpy(arrays["keyframe"]), torch.from_numpy(arrays["interpolation"]), mode, cache.root / key
         )
 
     def unload(self) -> None:
@@ -252,28 +271,71 @@ class AudioFeatureExtractor:
             "interpolation": (frames, SUBFRAMES_PER_FRAME, wav2vec2.dim + beats.dim),
         }
 
-    def _fill(self, arrays: dict[str, np.ndarray], waveform: torch.Tensor, frames: int, progress) -> None:
-        """Encode ``waveform`` with the three encoders, writing each one's sub-frames into its columns."""
+    def _key_digest(self, mode: str):
+        """The cache key's hash with everything but the waveform (:meth:`cache_key`) fed in."""
+        identities = {}
+        for role, source in self._sources.items():
+            if isinstance(source, AudioEncoder):
+                identities[role] = source.identity
+            else:
+                identities[role] = file_identity(require_path(source, f"{role} weights", _ORIGINS[role]))
+        settings = {
+            "format": FEATURES_FORMAT,
+            "mode": mode,
+            "dtype": str(self.dtype),
+            "window": [self.window.window_seconds, self.window.context_seconds],
+            "encoders": identities,
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+
+    def _stage_waveform(self, pieces, path: Path, mode: str) -> tuple[torch.Tensor, int, str]:
+        """Write the 16 kHz waveform arriving in ``pieces`` to ``path``, zero-padded to the longest encoder
+        input, hashing it on the way: returns it memory-mapped (read-only use), its real length and the cache
+        key (equal to :meth:`cache_key` of the whole waveform)."""
+        digest = self._key_digest(mode)
+        num_valid = 0
+        with open(path, "wb") as file:
+            for piece in pieces:
+                data = np.ascontiguousarray(piece.numpy(), dtype=np.float32)
+                digest.update(data.data)
+                file.write(data.tobytes())
+                num_valid += data.size
+            if num_valid == 0:
+                raise InputError(f"{path}: no audio samples to encode")
+            length = max(self._input_lengths(num_video_frames(num_valid)))
+            file.truncate(4 * length)  # the encoders' zero padding, sparse
+        mapped = np.memmap(path, dtype=np.float32, mode="c", shape=(length,))
+        return torch.from_numpy(mapped), num_valid, digest.hexdigest()[:40]
+
+    def _plans(self):
+        """Per encoder: (encoder, pad to an even frame count and resample its sequence, [(array, first column)])."""
         wavlm, beats, wav2vec2 = (self.encoder(role) for role in ("wavlm", "beats", "wav2vec2"))
-        # (encoder, pad to an even frame count and resample its sequence, [(array, first column)])
-        plans = [
+        return [
             (wavlm, True, [("keyframe", 0)]),
             (beats, True, [("keyframe", wavlm.dim), ("interpolation", wav2vec2.dim)]),
             (wav2vec2, False, [("interpolation", 0)]),
         ]
-        input_lengths = [
-            max(SAMPLES_PER_FRAME * _input_frames(frames, even), encoder.min_samples) for encoder, even, _ in plans
+
+    def _input_lengths(self, frames: int) -> list[int]:
+        """Samples each encoder sees (in :meth:`_plans` order): whole frames, and BEATs at least one patch."""
+        return [
+            max(SAMPLES_PER_FRAME * _input_frames(frames, even), encoder.min_samples)
+            for encoder, even, _ in self._plans()
         ]
+
+    def _fill(self, files: FeatureFiles, waveform: torch.Tensor, num_valid: int, frames: int, progress) -> None:
+        """Encode ``waveform`` (``num_valid`` real samples, then zeros at least as long as every encoder input)
+        with the three encoders, writing each one's sub-frames into its columns, block by block."""
+        plans = self._plans()
+        input_lengths = self._input_lengths(frames)
         counts = [
             len(plan_windows(length, encoder.alignment, self.window))
             for length, (encoder, _, _) in zip(input_lengths, plans, strict=True)
         ]
         subframes = SUBFRAMES_PER_FRAME * frames
-        flat = {name: array.reshape(subframes, -1) for name, array in arrays.items()}
         done = 0
         for length, count, (encoder, even, targets) in zip(input_lengths, counts, plans, strict=True):
-            x = pad_to_frames(waveform, _input_frames(frames, even))
-            x = torch.nn.functional.pad(x, (0, length - x.shape[0]))  # BEATs: at least one patch
+            x = waveform[:length]
             if even:
                 sources = nearest_indices(
                     encoder.sequence_length(length), SUBFRAMES_PER_FRAME * _input_frames(frames, even)
@@ -286,11 +348,11 @@ class AudioFeatureExtractor:
                 if progress is not None:
                     progress(before + step, sum(counts))
 
-            for first, block in encode_blocks(encoder, x, waveform.shape[0], self.window, report):
+            for first, block in encode_blocks(encoder, x, num_valid, self.window, report):
                 low, high = np.searchsorted(sources, [first, first + block.shape[0]])
                 rows = block.numpy()[sources[low:high] - first]
                 for name, column in targets:
-                    flat[name][low:high, column : column + encoder.dim] = rows
+                    files.set_columns(name, int(low), column, rows)
             done += count
 
 

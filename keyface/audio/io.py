@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from ..errors import InputError
 from ..media import samples_spanning
 
 CHANNEL_MODES = ("default", "reference")
+DECODE_BLOCK_SECONDS = 10.0  # audio decoded, resampled and muxed per step when a file is streamed
 
 # Scale of each PCM sample format to [-1, 1] (integer formats as torchaudio.load reads them: int16 / 32768).
 _PCM_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63, "flt": 1.0, "dbl": 1.0}
@@ -122,65 +125,115 @@ def load_audio(path: str | os.PathLike, start: float = 0.0, duration: float | No
         duration: seconds to keep from ``start`` (``None``: to the end).
 
     Returns:
-        The clip at the file's own sample rate, every channel kept. From an mp4 / mov / m4a file it ends
-        where the container says the track ends (its sample durations and edit list), which FFmpeg's
-        decoder does not apply at the end: the silence padding the encoder's last AAC frame is left out,
-        so the audio of a KeyFace video reads back exactly as long as the video.
+        The whole clip in memory (for long files see :class:`AudioFileStream`), at the file's own sample
+        rate, every channel kept. From an mp4 / mov / m4a file it ends where the container says the track
+        ends (its sample durations and edit list), which FFmpeg's decoder does not apply at the end: the
+        silence padding the encoder's last AAC frame is left out, so the audio of a KeyFace video reads back
+        exactly as long as the video.
     """
-    import av  # imported here: decoding is the only user
+    stream = AudioFileStream(path, start, duration)
+    waveform = np.concatenate(list(stream.blocks()), axis=1)
+    return AudioClip(torch.from_numpy(waveform), stream.sample_rate, stream.source)
 
-    path = Path(path)
-    name = str(path)
-    if not path.is_file():
-        raise InputError(f"audio file not found: {name}")
-    if not math.isfinite(start) or start < 0:
-        raise InputError(f"{name}: start must be a finite number of seconds >= 0, got {start}")
-    if duration is not None and (not math.isfinite(duration) or duration <= 0):
-        raise InputError(f"{name}: duration must be a positive number of seconds, got {duration}")
 
-    try:
-        container = av.open(name)
-    except (av.FFmpegError, OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or error  # FFmpeg's text without its errno and the path again
-        raise InputError(f"{name}: not a readable audio or video file ({reason})") from error
-    with container:
-        if not container.streams.audio:
-            raise InputError(f"{name}: the file has no audio track")
-        stream = container.streams.audio[0]
-        sample_rate = stream.rate or stream.codec_context.sample_rate
-        if not sample_rate:
-            raise InputError(f"{name}: the audio track does not state its sample rate")
-        first = samples_spanning(start, sample_rate)
-        last = None if duration is None else first + samples_spanning(duration, sample_rate)
-        stated_end = _stated_end(container, stream, sample_rate)
-        if stated_end is not None:
-            last = stated_end if last is None else min(last, stated_end)
-        chunks: list[np.ndarray] = []
-        position = 0
+class AudioFileStream:
+    """The first audio track of a file, decoded block by block so that a long file is never held whole.
+
+    ``blocks()`` decodes the file again on every call, from ``start`` for ``duration`` seconds (samples
+    counted by :func:`keyface.media.samples_spanning`, the end stated by an mp4 container honoured: see
+    :func:`load_audio`, which is the concatenation of these blocks). Opening checks the file, the times and
+    that it has an audio track with a stated rate; decoding errors come from ``blocks()``.
+
+    Attributes:
+        sample_rate: samples per second of the track.
+        channels: channel count of the track.
+        source: the path as a string, for messages.
+    """
+
+    def __init__(self, path: str | os.PathLike, start: float = 0.0, duration: float | None = None):
+        path = Path(path)
+        self.source = str(path)
+        if not path.is_file():
+            raise InputError(f"audio file not found: {self.source}")
+        if not math.isfinite(start) or start < 0:
+            raise InputError(f"{self.source}: start must be a finite number of seconds >= 0, got {start}")
+        if duration is not None and (not math.isfinite(duration) or duration <= 0):
+            raise InputError(f"{self.source}: duration must be a positive number of seconds, got {duration}")
+        self.path, self.start, self.duration = path, float(start), duration
+        with self._open() as (_, stream):
+            self.sample_rate = int(stream.rate or stream.codec_context.sample_rate)
+            self.channels = int(stream.codec_context.channels)
+
+    def check(self) -> None:
+        """Decode the first samples: an empty or undecodable track raises its InputError now, not mid-run."""
+        first = self.blocks(block_seconds=0)
+        next(first)
+        first.close()
+
+    @contextmanager
+    def _open(self):
+        import av  # imported here: decoding is the only user
+
         try:
-            if first > 0 and stream.time_base is not None:
-                container.seek(int(start / stream.time_base), stream=stream)
-            for frame in container.decode(stream):
-                if frame.pts is not None and frame.time_base is not None:
-                    position = samples_spanning(frame.pts * frame.time_base, sample_rate)
-                samples = _frame_to_float(frame, name)
-                begin, end = position, position + samples.shape[1]
-                position = end
-                if end <= first:
-                    continue
-                if last is not None and begin >= last:
-                    break
-                chunks.append(samples[:, max(first - begin, 0) : (None if last is None else last - begin)])
-        except av.FFmpegError as error:
-            raise InputError(f"{name}: the audio track could not be decoded ({error})") from error
-    if not chunks:
-        where = f" after {start} s" if first > 0 else ""
-        raise InputError(f"{name}: no audio samples{where} (the file is empty or shorter than the start time)")
-    channels = {chunk.shape[0] for chunk in chunks}
-    if len(channels) != 1:
-        raise InputError(f"{name}: the channel count changes inside the audio track ({sorted(channels)})")
-    waveform = torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32))
-    return AudioClip(waveform, int(sample_rate), name)
+            container = av.open(self.source)
+        except (av.FFmpegError, OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or error  # FFmpeg's text without its errno and the path again
+            raise InputError(f"{self.source}: not a readable audio or video file ({reason})") from error
+        with container:
+            if not container.streams.audio:
+                raise InputError(f"{self.source}: the file has no audio track")
+            stream = container.streams.audio[0]
+            if not (stream.rate or stream.codec_context.sample_rate):
+                raise InputError(f"{self.source}: the audio track does not state its sample rate")
+            yield container, stream
+
+    def blocks(self, block_seconds: float = DECODE_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+        """Yield the samples in order as float32 ``(channels, n)`` arrays of about ``block_seconds`` each."""
+        import av
+
+        name, rate = self.source, self.sample_rate
+        first = samples_spanning(self.start, rate)
+        last = None if self.duration is None else first + samples_spanning(self.duration, rate)
+        pending: list[np.ndarray] = []
+        pending_samples = 0
+        block_samples = max(1, int(block_seconds * rate))
+        yielded = False
+        with self._open() as (container, stream):
+            stated_end = _stated_end(container, stream, rate)
+            if stated_end is not None:
+                last = stated_end if last is None else min(last, stated_end)
+            position = 0
+            try:
+                if first > 0 and stream.time_base is not None:
+                    container.seek(int(self.start / stream.time_base), stream=stream)
+                for frame in container.decode(stream):
+                    if frame.pts is not None and frame.time_base is not None:
+                        position = samples_spanning(frame.pts * frame.time_base, rate)
+                    samples = _frame_to_float(frame, name)
+                    begin, end = position, position + samples.shape[1]
+                    position = end
+                    if end <= first:
+                        continue
+                    if last is not None and begin >= last:
+                        break
+                    if samples.shape[0] != self.channels:
+                        raise InputError(
+                            f"{name}: the channel count changes inside the audio track ({self.channels} to "
+                            f"{samples.shape[0]})"
+                        )
+                    piece = samples[:, max(first - begin, 0) : (None if last is None else last - begin)]
+                    pending.append(piece)
+                    pending_samples += piece.shape[1]
+                    if pending_samples >= block_samples:
+                        yield np.concatenate(pending, axis=1)
+                        yielded, pending, pending_samples = True, [], 0
+            except av.FFmpegError as error:
+                raise InputError(f"{name}: the audio track could not be decoded ({error})") from error
+        if pending:
+            yield np.concatenate(pending, axis=1)
+        elif not yielded:
+            where = f" after {self.start} s" if first > 0 else ""
+            raise InputError(f"{name}: no audio samples{where} (the file is empty or shorter than the start time)")
 
 
 def as_audio_clip(audio: AudioClip | dict | str | os.PathLike, name: str = "audio") -> AudioClip:
@@ -202,24 +255,86 @@ def num_video_frames(num_samples_16k: int) -> int:
     return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
 
 
-def resample_to_encoder_rate(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Resample ``(..., samples)`` to 16 kHz with ``torchaudio.functional.resample`` defaults, as the original."""
-    if sample_rate == ENCODER_SAMPLE_RATE:
+def resample_to_encoder_rate(
+    waveform: torch.Tensor, sample_rate: int, new_rate: int = ENCODER_SAMPLE_RATE
+) -> torch.Tensor:
+    """Resample ``(..., samples)`` to 16 kHz (or ``new_rate``) with ``torchaudio.functional.resample``
+    defaults, as the original."""
+    if sample_rate == new_rate:
         return waveform
     import torchaudio.functional
 
-    return torchaudio.functional.resample(waveform, orig_freq=sample_rate, new_freq=ENCODER_SAMPLE_RATE)
+    return torchaudio.functional.resample(waveform, orig_freq=sample_rate, new_freq=new_rate)
 
 
 def to_encoder_waveform(clip: AudioClip, mode: str = "default") -> torch.Tensor:
     """The mono 16 kHz waveform the encoders see, shape ``(samples,)`` float32 (channel policy: module doc)."""
-    if mode not in CHANNEL_MODES:
-        raise InputError(f"mode: expected one of {CHANNEL_MODES}, got {mode!r}")
-    if mode == "reference" and clip.sample_rate != ENCODER_SAMPLE_RATE:
-        mono = clip.waveform[0]
-    else:
-        mono = clip.waveform.mean(dim=0)
-    return resample_to_encoder_rate(mono, clip.sample_rate).contiguous()
+    return resample_to_encoder_rate(_encoder_mono(clip.waveform, clip.sample_rate, mode), clip.sample_rate).contiguous()
+
+
+def encoder_waveform_blocks(
+    blocks: Iterable[np.ndarray | torch.Tensor], sample_rate: int, mode: str = "default"
+) -> Iterator[torch.Tensor]:
+    """:func:`to_encoder_waveform` of a signal that arrives in ``(channels, n)`` blocks (e.g.
+    :meth:`AudioFileStream.blocks`): yields consecutive ``(m,)`` float32 pieces of the same 16 kHz mono waveform
+    (equal to the whole-clip result within float rounding, about 1e-7), holding only a block at a time."""
+    resampler = ResampleStream(sample_rate, ENCODER_SAMPLE_RATE)
+    for block in blocks:
+        piece = resampler.push(_encoder_mono(torch.as_tensor(block), sample_rate, mode))
+        if piece.shape[-1]:
+            yield piece
+    tail = resampler.finish()
+    if tail.shape[-1]:
+        yield tail
+
+
+class ResampleStream:
+    """``torchaudio.functional.resample`` (its default filter) of a signal that arrives in pieces.
+
+    ``push(x)`` takes the next ``(..., n)`` samples and returns the output samples that no later input can
+    change; ``finish()`` returns the rest. Joined, the pieces equal the resampling of the whole signal
+    within float rounding: the signal is resampled in chunks that start on a multiple of the reduced input
+    rate (where the filter's phases repeat) with more than the filter's half width of real input on each
+    side, and only each chunk's core is kept.
+    """
+
+    def __init__(self, orig_freq: int, new_freq: int, chunk_seconds: float = DECODE_BLOCK_SECONDS):
+        self.orig_freq, self.new_freq = int(orig_freq), int(new_freq)
+        gcd = math.gcd(self.orig_freq, self.new_freq)
+        self._orig, self._new = self.orig_freq // gcd, self.new_freq // gcd
+        # the half width of torchaudio's default sinc filter (lowpass_filter_width 6, rolloff 0.99), plus one
+        half_width = math.ceil(6 * self._orig / (0.99 * min(self._orig, self._new))) + 1
+        self._context_blocks = -(-half_width // self._orig)  # input blocks of `_orig` samples
+        self._chunk_blocks = max(1, int(chunk_seconds * self.orig_freq) // self._orig)
+        self._buffer: torch.Tensor | None = None  # input from block `_buffer_block` on
+        self._buffer_block = 0
+        self._next_block = 0  # first block whose output is not yet returned
+
+    def push(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.orig_freq == self.new_freq:
+            return samples
+        self._buffer = samples if self._buffer is None else torch.cat([self._buffer, samples], dim=-1)
+        ready = self._buffer_block + self._buffer.shape[-1] // self._orig - self._context_blocks
+        if ready - self._next_block < self._chunk_blocks:
+            return samples.new_zeros(samples.shape[:-1] + (0,))
+        return self._resample(ready)
+
+    def finish(self) -> torch.Tensor:
+        if self.orig_freq == self.new_freq or self._buffer is None:
+            return torch.zeros(0)
+        return self._resample(None)
+
+    def _resample(self, stop: int | None) -> torch.Tensor:
+        """Output of input blocks ``[_next_block, stop)`` (``None``: to the end of the signal)."""
+        out = resample_to_encoder_rate(self._buffer, self.orig_freq, self.new_freq)
+        first = (self._next_block - self._buffer_block) * self._new
+        if stop is None:
+            return out[..., first:].contiguous()
+        piece = out[..., first : (stop - self._buffer_block) * self._new].contiguous()
+        keep_from = max(self._buffer_block, stop - self._context_blocks)
+        self._buffer = self._buffer[..., (keep_from - self._buffer_block) * self._orig :]
+        self._buffer_block, self._next_block = keep_from, stop
+        return piece
 
 
 def pad_to_frames(waveform: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -238,6 +353,15 @@ def raw_audio_frames(clip: AudioClip) -> torch.Tensor:
     mono = resample_to_encoder_rate(clip.waveform.mean(dim=0), clip.sample_rate)
     frames = num_video_frames(mono.shape[0])
     return pad_to_frames(mono, frames).reshape(frames, SAMPLES_PER_FRAME).contiguous()
+
+
+def _encoder_mono(waveform: torch.Tensor, sample_rate: int, mode: str) -> torch.Tensor:
+    """``(channels, n)`` -> ``(n,)`` by the channel policy of ``mode`` (module doc)."""
+    if mode not in CHANNEL_MODES:
+        raise InputError(f"mode: expected one of {CHANNEL_MODES}, got {mode!r}")
+    if mode == "reference" and sample_rate != ENCODER_SAMPLE_RATE:
+        return waveform[0]
+    return waveform.mean(dim=0)
 
 
 def _stated_end(container, stream, sample_rate: int) -> int | None:
