@@ -71,13 +71,16 @@ def sample_euler(
     Returns:
         ``(n, C, h, w)`` float32: the last step (to sigma 0) returns the denoised estimate itself.
     """
+    # The branch to the last step is decided from host floats, read once here: a tensor comparison inside the
+    # loop would wait for the device at every step.
+    last_step = [value == 0 for value in sigmas.float().tolist()[1:]]
     sigmas = sigmas.float().to(noise.device)
     x = noise.float() * torch.sqrt(1.0 + sigmas[0] ** 2)
     total = len(sigmas) - 1
     for step in range(total):
         sigma, next_sigma = sigmas[step], sigmas[step + 1]
         denoised = denoise(x, sigma.expand(x.shape[0])).float()
-        x = denoised if next_sigma == 0 else x + (next_sigma - sigma) * ((x - denoised) / sigma)
+        x = denoised if last_step[step] else x + (next_sigma - sigma) * ((x - denoised) / sigma)
         if callback is not None:
             callback(step + 1, total)
     return x

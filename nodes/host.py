@@ -343,7 +343,7 @@ def network_dtype(precision: str, device):
     from keyface.loading import resolve_dtype
 
     management = _comfy("comfy.model_management")
-    if precision != "auto" or management is None:
+    if precision != "auto" or management is None or device.type == "cpu":  # auto on a CPU: fp32, whatever the flags
         return resolve_dtype(precision, device)
     supported = [torch.bfloat16, torch.float16, torch.float32]  # what KeyFace runs, in the order auto prefers
     cli_args = _comfy("comfy.cli_args")
