@@ -16,6 +16,7 @@ import torch
 
 from .errors import InputError
 from .models.conditioning import InterpolationConditioning, KeyframeConditioning
+from .models.streaming import compute_device
 
 if TYPE_CHECKING:  # the stage modules import diffusers; keep `import keyface.sampling` light
     from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
@@ -152,10 +153,6 @@ class Autoguidance:
         return bad + self.scale * (good - bad)
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def _check_noise(noise: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(noise.shape) != expected:
         raise InputError(f"noise has shape {tuple(noise.shape)}; expected {expected} (clips * frames, C, h, w)")
@@ -185,7 +182,7 @@ def sample_keyframes(
         ``(clips * frames, C, h, w)`` float32 sampler-space latents.
     """
     sigmas = ays_sigmas(num_steps)
-    device = _device_of(model)
+    device = compute_device(model)
     with torch.inference_mode():
         cond = model.condition(identity_latent.to(device), audio.to(device), valence, arousal)
         _check_noise(noise, (cond.num_clips * audio.shape[1], *identity_latent.shape[1:]))
@@ -217,7 +214,7 @@ def sample_segments(
         positions (re-generated, not copied).
     """
     sigmas = ays_sigmas(num_steps)
-    device = _device_of(model)
+    device = compute_device(model)
     with torch.inference_mode():
         cond = model.condition(start_latents.to(device), end_latents.to(device), audio.to(device))
         _check_noise(noise, (cond.num_segments * audio.shape[1], *start_latents.shape[1:]))
