@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from test_model_management import comfy  # noqa: F401  (the stand-in ComfyUI fixture)
 from torch.overrides import TorchFunctionMode
 
 from keyface.loading import resolve_dtype
@@ -191,3 +192,31 @@ def test_stream_mode_asks_the_host_for_room_for_each_step(fresh, tmp_path):
         moves(module, torch.device("cpu"))
     segments = stream_layout([fresh.interpolation, fresh.autoguidance], 4000).peak_bytes()
     assert segments in rooms and all(0 < room < fresh.size_bytes() / 5 for room in rooms)
+
+
+def test_comfyui_lowvram_streams_the_networks_after_freeing_their_room(comfy, monkeypatch):  # noqa: F811
+    import enum
+
+    from test_model_management import FakeModelManagement, install_fake_comfy
+    from test_nodes import host, run
+
+    from keyface.models.streaming import stream_layout
+
+    management = FakeModelManagement()
+    management.VRAMState = enum.Enum("VRAMState", "DISABLED NO_VRAM LOW_VRAM NORMAL_VRAM HIGH_VRAM SHARED")
+    management.vram_state = management.VRAMState.NORMAL_VRAM
+    install_fake_comfy(comfy, management)
+    assert not host.streams_layers()
+    for state in ("LOW_VRAM", "NO_VRAM"):
+        management.vram_state = management.VRAMState[state]
+        assert host.streams_layers(), state
+    rooms = []
+    monkeypatch.setattr(host, "free_memory", lambda size, device: rooms.append(size))
+    (bundle,) = run("KeyFaceModelLoader")
+    with bundle.on_device() as models:
+        assert models.residency.mode == "stream"
+        with models.step("segments"):
+            pass
+    assert rooms == [stream_layout([models.interpolation, models.autoguidance]).peak_bytes()]
+    assert management.loads == []  # nothing loaded whole through load_models_gpu
+    assert models.residency is None

@@ -151,7 +151,7 @@ class Residency:
     @property
     def active(self) -> bool:
         """False when nothing ever moves (mode ``none``, or one device and no host hooks)."""
-        hooked = self.load is not None or (self.mode == "stream" and self.move is not None)
+        hooked = self.load is not None or (self.mode == "stream" and (self.move, self.make_room) != (None, None))
         return self.mode != "none" and (self.device != self.offload_device or hooked)
 
     def _load(self, parts: dict[str, torch.nn.Module]) -> None:
