@@ -187,15 +187,17 @@ class MemoryEstimate:
 
     def stream_weights(self, step: str) -> int:
         """Bytes of weights on the device at most while step ``step`` streams its parts block by block (offload
-        ``stream``): every part's rest and its largest block twice (the running one and the prefetched next)."""
+        ``stream``): every part's rest and its largest block twice (the running one and the prefetched next), once
+        where the step is a single block (a VAE part)."""
         blocks = self.stream_elements or config_stream_elements(self.parameters)
+        names = [name for name in STEP_PARTS[step] if name in blocks]
         largest = rest = 0
-        for name in STEP_PARTS[step]:
-            if name in blocks:
-                per_element = self._part_bytes(name) // max(self.parameters.get(name, 1), 1)
-                largest = max(largest, blocks[name][0] * per_element)
-                rest += blocks[name][1] * per_element
-        return rest + 2 * largest
+        for name in names:
+            per_element = self._part_bytes(name) // max(self.parameters[name], 1)
+            largest = max(largest, blocks[name][0] * per_element)
+            rest += blocks[name][1] * per_element
+        single = len(names) == 1 and sum(blocks[names[0]]) >= self.parameters[names[0]]
+        return rest + (1 if single else 2) * largest
 
     def all_weights(self) -> int:
         return sum(self._part_bytes(name) for name in MODEL_PARTS)

@@ -57,14 +57,16 @@ class StreamLayout:
         return sum(_own_elements(module) for module in self.rest)
 
     def peak_elements(self, prefetch: bool = True) -> int:
-        """Weight elements on the device at most while streaming: the rest and one block (two with prefetch)."""
-        return self.rest_elements + (2 if prefetch else 1) * self.largest_block_elements
+        """Weight elements on the device at most while streaming: the rest and the largest block (with prefetch,
+        the two largest: the running one and the next)."""
+        sizes = sorted((_elements(block) for block in self.blocks), reverse=True)
+        return self.rest_elements + sum(sizes[: 2 if prefetch else 1])
 
     def peak_bytes(self, prefetch: bool = True) -> int:
         """:meth:`peak_elements` in bytes, at the weights' own dtypes."""
-        largest = max((_bytes(block.parameters(), block.buffers()) for block in self.blocks), default=0)
+        sizes = sorted((_bytes(block.parameters(), block.buffers()) for block in self.blocks), reverse=True)
         rest = sum(_bytes(module.parameters(recurse=False), module.buffers(recurse=False)) for module in self.rest)
-        return rest + (2 if prefetch else 1) * largest
+        return rest + sum(sizes[: 2 if prefetch else 1])
 
 
 def stream_layout(modules: Iterable[nn.Module], max_block_elements: int = STREAM_BLOCK_ELEMENTS) -> StreamLayout:
