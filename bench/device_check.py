@@ -6,8 +6,9 @@ finishes in a few minutes on a data-centre GPU and prints, one JSON object per l
 
 * ``step_s``: seconds per denoising step of each stage (keyframes: 3 guidance branches x 14 frames;
   interpolation: main + autoguidance network, per segments-per-call) and per VAE decode block, per precision;
-* ``peak_bytes``: peak device memory of each step under each offload mode (none / stage / sequential), with the
-  estimate of :mod:`keyface.memory` next to it (``estimate_bytes``) and the measured activation factor;
+* ``peak_bytes``: peak device memory of each step under each offload mode (none / stage / sequential / stream),
+  with the estimate of :mod:`keyface.memory` next to it (``estimate_bytes``) and the measured activation factor;
+  ``step_s`` lines with ``offload: stream``: seconds per step when streaming block by block;
 * ``compute_s_per_video_s``: seconds of compute per second of video at the official step counts;
 * ``segments_per_call``: the sweep (seconds per segment and peak memory for each count);
 * ``max_abs_diff``: one keyframe denoising step in fp16 / bf16 against fp32, same weights and inputs.
@@ -46,6 +47,7 @@ from keyface.memory import (
     activation_peak_bytes,
 )
 from keyface.models.bundle import OFFLOAD_MODES, KeyFaceModels, Residency
+from keyface.models.streaming import compute_device
 from keyface.sampling import AUTOGUIDANCE_SCALE, Autoguidance, KeyframeGuidance, ays_sigmas
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,7 +140,7 @@ class Inputs:
 
 
 def _device_of(module) -> torch.device:
-    return next(module.parameters()).device
+    return compute_device(module)  # streamed (offload stream): the device its blocks move to, not the weights'
 
 
 def keyframe_step(models: KeyFaceModels, inputs: Inputs) -> torch.Tensor:
@@ -257,7 +259,9 @@ def check_offload_peaks(out, models, inputs, estimate: MemoryEstimate, device, p
                 torch.cuda.memory_allocated(device) - bundle_bytes_on(models, device) if device.type == "cuda" else 0
             )
             peak = peak_of(inside, device)
-            resident = estimate.all_weights() if mode == "none" else estimate.weights(step)
+            resident = {"none": estimate.all_weights(), "stream": estimate.stream_weights(step)}.get(
+                mode, estimate.weights(step)
+            )
             emit(
                 out,
                 "peak_bytes",
@@ -268,6 +272,9 @@ def check_offload_peaks(out, models, inputs, estimate: MemoryEstimate, device, p
                 segments_per_call=segments,
                 estimate_bytes=resident + estimate.activations(step, segments),
             )
+            if mode == "stream" and step in ("keyframes", "segments"):  # streaming's cost: every weight moves per call
+                seconds = timed(inside, device, 1)
+                emit(out, "step_s", seconds, step=step, offload=mode, precision=precision, segments_per_call=segments)
     models.residency = None
     for module in models.parts().values():
         module.to(device)

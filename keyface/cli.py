@@ -104,7 +104,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         choices=("auto", *OFFLOAD_MODES),
         default="auto",
         help="which parts stay on the GPU: none (all, fastest), stage (only the running step's), sequential "
-        "(also nothing between steps); auto (default) picks from free memory and the plan's estimate",
+        "(also nothing between steps), stream (one block of a network at a time, slowest); auto (default) picks "
+        "from free memory and the plan's estimate",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first call)")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the networks")

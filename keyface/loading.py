@@ -17,6 +17,7 @@ where the file comes from. Nothing is downloaded unless the user runs ``python -
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,19 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "mps" else torch.float32
     if precision not in _DTYPES:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    warn_slow_precision(_DTYPES[precision], device)
     return _DTYPES[precision]
+
+
+def warn_slow_precision(dtype: torch.dtype, device: torch.device) -> None:
+    """Warn (one line) when half-precision networks would run on the CPU, which has no fast kernels for them."""
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        name = next(key for key, value in _DTYPES.items() if value == dtype)
+        warnings.warn(
+            f"precision {name} on the CPU is about 60x slower than fp32: choose precision auto or fp32 "
+            "(half precision only pays off on a GPU)",
+            stacklevel=3,
+        )
 
 
 def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

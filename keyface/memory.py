@@ -65,6 +65,17 @@ OFFICIAL_PARAMETERS = {
     "identity_encoder": 34_163_664,
 }
 _MASKED_PARTS = ("interpolation", "autoguidance")
+# Streamed (offload "stream"): elements of each official part's largest block and of the weights that stay on the
+# device during its step (keyface.models.streaming.stream_layout at STREAM_BLOCK_ELEMENTS, built on meta; the
+# learned mask is the interpolation networks' rest and follows the latent size). The VAE parts are one block each.
+OFFICIAL_STREAM_ELEMENTS = {
+    "keyframe": (60_642_561, 0),
+    "interpolation": (60_642_561, 16_384),
+    "autoguidance": (60_642_561, 16_384),
+    "decoder": (63_579_183, 0),
+    "keyframe_decoder": (63_579_183, 0),
+    "identity_encoder": (34_163_664, 0),
+}
 
 
 def part_parameters(models) -> dict[str, int]:
@@ -109,6 +120,26 @@ def meta_parameters(
         return {name: _elements(build()) for name, build in builders.items() if build is not None}
 
 
+def part_stream_elements(models) -> dict[str, tuple[int, int]]:
+    """``(largest block, rest)`` element counts of each loaded part when streamed (offload ``stream``)."""
+    from .models.streaming import stream_layout
+
+    layouts = {name: stream_layout([module]) for name, module in models.parts().items()}
+    return {name: (layout.largest_block_elements, layout.rest_elements) for name, layout in layouts.items()}
+
+
+def config_stream_elements(parameters: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The same without weights, for the parts counted in ``parameters``: the official layout for an official
+    part (within 1 %: the learned mask follows the latent size and is the rest), else the whole part as one block
+    (an upper bound: another configuration's layout is not known without building it)."""
+    counts = {}
+    for name, count in parameters.items():
+        official = OFFICIAL_PARAMETERS[name]
+        largest, rest = OFFICIAL_STREAM_ELEMENTS[name]
+        counts[name] = (largest, rest + count - official) if abs(count - official) < official / 100 else (count, 0)
+    return counts
+
+
 def _elements(module: torch.nn.Module) -> int:
     return sum(t.numel() for t in (*module.parameters(), *module.buffers()))
 
@@ -119,7 +150,9 @@ class MemoryEstimate:
 
     ``parameters``: element counts per part (:func:`part_parameters` / :func:`config_parameters`); ``dtype_bytes``:
     bytes per element of the UNets (4 fp32, 2 bf16/fp16); the VAE parts always count 4 (they run in fp32).
-    ``decode_frames``: frames per VAE decoder call (the pipeline's decode block).
+    ``decode_frames``: frames per VAE decoder call (the pipeline's decode block). ``stream_elements``: each part's
+    ``(largest block, rest)`` elements when streamed (:func:`part_stream_elements`; ``None``:
+    :func:`config_stream_elements`).
     """
 
     keyframe: StageConfig
@@ -128,6 +161,7 @@ class MemoryEstimate:
     dtype_bytes: int = 4
     decode_frames: int = FRAMES_PER_CLIP
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    stream_elements: dict[str, tuple[int, int]] | None = None  # (largest block, rest) per part; None: official
 
     @classmethod
     def for_models(cls, models, decode_frames: int = FRAMES_PER_CLIP) -> MemoryEstimate:
@@ -140,6 +174,7 @@ class MemoryEstimate:
             models.keyframe.unet.conv_in.weight.element_size(),
             decode_frames,
             encoder,
+            part_stream_elements(models),
         )
 
     def _part_bytes(self, name: str) -> int:
@@ -149,6 +184,20 @@ class MemoryEstimate:
     def weights(self, step: str) -> int:
         """Bytes of the parts step ``step`` keeps on the device."""
         return sum(self._part_bytes(name) for name in STEP_PARTS[step])
+
+    def stream_weights(self, step: str) -> int:
+        """Bytes of weights on the device at most while step ``step`` streams its parts block by block (offload
+        ``stream``): every part's rest and its largest block twice (the running one and the prefetched next), once
+        where the step is a single block (a VAE part)."""
+        blocks = self.stream_elements or config_stream_elements(self.parameters)
+        names = [name for name in STEP_PARTS[step] if name in blocks]
+        largest = rest = 0
+        for name in names:
+            per_element = self._part_bytes(name) // max(self.parameters[name], 1)
+            largest = max(largest, blocks[name][0] * per_element)
+            rest += blocks[name][1] * per_element
+        single = len(names) == 1 and sum(blocks[names[0]]) >= self.parameters[names[0]]
+        return rest + (1 if single else 2) * largest
 
     def all_weights(self) -> int:
         return sum(self._part_bytes(name) for name in MODEL_PARTS)
@@ -179,12 +228,15 @@ class MemoryEstimate:
         """Peak device bytes of a whole video under offload ``mode`` (see :mod:`keyface.models.bundle`).
 
         ``none``: every part + the largest activations; ``stage`` and ``sequential``: the largest step (they
-        differ in what stays between steps, not in the peak).
+        differ in what stays between steps, not in the peak); ``stream``: the largest step with only its blocks
+        in flight resident (:meth:`stream_weights`).
         """
         if mode not in OFFLOAD_MODES:
             raise InputError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
         if mode == "none":
             return self.all_weights() + max(self.activations(step, segments_per_call) for step in STEPS)
+        if mode == "stream":
+            return max(self.stream_weights(step) + self.activations(step, segments_per_call) for step in STEPS)
         return max(self.step_peak(step, segments_per_call) for step in STEPS)
 
     def segments_per_call(self, budget_bytes: int, mode: str = "stage", limit: int = MAX_SEGMENTS_PER_CALL) -> int:
@@ -203,7 +255,7 @@ class MemoryEstimate:
         the safety margin under ``mode``; 1 when even one does not fit. Frames are decoded alone either way, so
         the block size changes memory and speed, not the pictures."""
         usable = budget_bytes * (1 - MEMORY_MARGIN)
-        resident = self.all_weights() if mode == "none" else self.weights("decode")
+        resident = self._resident(mode, "decode")
         best = 1
         for block in range(1, max(limit, 1) + 1):
             if resident + self.with_decode_block(block).activations("decode") > usable:
@@ -215,21 +267,26 @@ class MemoryEstimate:
         """This estimate for decoder calls of ``block`` output frames."""
         return replace(self, decode_frames=block + DECODE_EXTRA_INPUTS)
 
+    def _resident(self, mode: str, step: str) -> int:
+        if mode == "none":
+            return self.all_weights()
+        return self.stream_weights(step) if mode == "stream" else self.weights(step)
+
     def _segments_peak(self, mode: str, count: int) -> int:
-        resident = self.all_weights() if mode == "none" else self.weights("segments")
+        resident = self._resident(mode, "segments")
         return resident + self.activations("segments", count)
 
     def offload_mode(self, budget_bytes: int | None) -> str:
-        """``none`` when every part fits with the margin, ``stage`` when the largest step does, else
-        ``sequential`` (nothing stays on the device between steps). ``None`` (a CPU: no device memory to
-        save) gives ``none``."""
+        """``none`` when every part fits with the margin, ``stage`` when the largest step does, else ``stream``
+        (block by block; ``sequential`` has the peak of ``stage``, so it never fits where ``stage`` does not).
+        ``None`` (a CPU: no device memory to save) gives ``none``."""
         if budget_bytes is None:
             return "none"
         usable = budget_bytes * (1 - MEMORY_MARGIN)
         smallest = self.with_decode_block(1)  # the decode block shrinks to fit (decode_block), so it never decides
         if smallest.peak("none") <= usable:
             return "none"
-        return "stage" if smallest.peak("stage") <= usable else "sequential"
+        return "stage" if smallest.peak("stage") <= usable else "stream"
 
 
 def free_device_memory(device: torch.device | str) -> int | None:

@@ -19,6 +19,7 @@ from .config import StageConfig
 from .constants import FRAMES_PER_CLIP, VIDEO_FPS
 from .errors import InputError
 from .memory import DECODE_BLOCK_FRAMES, STEPS, MemoryEstimate, config_parameters
+from .models.bundle import OFFLOAD_MODES
 
 # Bytes of one latent file of the job folder beyond its float32 tensor: the safetensors header and metadata.
 LATENT_FILE_OVERHEAD = 512
@@ -116,7 +117,7 @@ def plan_job(
         chunks=len(schedule.chunks),
         calls=calls,
         memory=memory,
-        peaks={mode: estimate.peak(mode, per_call) for mode in ("none", "stage", "sequential")},
+        peaks={mode: estimate.peak(mode, per_call) for mode in OFFLOAD_MODES},
         device=device,
         budget_bytes=budget_bytes,
         offload=offload,

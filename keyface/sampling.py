@@ -16,6 +16,7 @@ import torch
 
 from .errors import InputError
 from .models.conditioning import InterpolationConditioning, KeyframeConditioning
+from .models.streaming import compute_device
 
 if TYPE_CHECKING:  # the stage modules import diffusers; keep `import keyface.sampling` light
     from .models.stages import InterpolationModel, InterpolationNetwork, KeyframeModel
@@ -71,13 +72,16 @@ def sample_euler(
     Returns:
         ``(n, C, h, w)`` float32: the last step (to sigma 0) returns the denoised estimate itself.
     """
+    # The branch to the last step is decided from host floats, read once here: a tensor comparison inside the
+    # loop would wait for the device at every step.
+    last_step = [value == 0 for value in sigmas.float().tolist()[1:]]
     sigmas = sigmas.float().to(noise.device)
     x = noise.float() * torch.sqrt(1.0 + sigmas[0] ** 2)
     total = len(sigmas) - 1
     for step in range(total):
         sigma, next_sigma = sigmas[step], sigmas[step + 1]
         denoised = denoise(x, sigma.expand(x.shape[0])).float()
-        x = denoised if next_sigma == 0 else x + (next_sigma - sigma) * ((x - denoised) / sigma)
+        x = denoised if last_step[step] else x + (next_sigma - sigma) * ((x - denoised) / sigma)
         if callback is not None:
             callback(step + 1, total)
     return x
@@ -149,10 +153,6 @@ class Autoguidance:
         return bad + self.scale * (good - bad)
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def _check_noise(noise: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(noise.shape) != expected:
         raise InputError(f"noise has shape {tuple(noise.shape)}; expected {expected} (clips * frames, C, h, w)")
@@ -182,7 +182,7 @@ def sample_keyframes(
         ``(clips * frames, C, h, w)`` float32 sampler-space latents.
     """
     sigmas = ays_sigmas(num_steps)
-    device = _device_of(model)
+    device = compute_device(model)
     with torch.inference_mode():
         cond = model.condition(identity_latent.to(device), audio.to(device), valence, arousal)
         _check_noise(noise, (cond.num_clips * audio.shape[1], *identity_latent.shape[1:]))
@@ -214,7 +214,7 @@ def sample_segments(
         positions (re-generated, not copied).
     """
     sigmas = ays_sigmas(num_steps)
-    device = _device_of(model)
+    device = compute_device(model)
     with torch.inference_mode():
         cond = model.condition(start_latents.to(device), end_latents.to(device), audio.to(device))
         _check_noise(noise, (cond.num_segments * audio.shape[1], *start_latents.shape[1:]))

@@ -92,6 +92,17 @@ class ModelBundle:
         ComfyUI all back on the offload device afterwards."""
         from keyface.models.bundle import Residency
 
+        if host.manages_models() and host.streams_layers():
+            host.release_models(self.patchers.values())  # parts loaded whole before go back; blocks stream in
+            self.patchers.clear()
+            self.models.residency = Residency(
+                self.device, self.offload_device, "stream", make_room=lambda size: host.free_memory(size, self.device)
+            )
+            try:
+                yield self.models
+            finally:
+                self.models.residency = None
+            return
         if host.manages_models():
             # ComfyUI offloads our other parts when (and only when) it needs their memory
             self.models.residency = Residency(

@@ -10,9 +10,10 @@ Model management: inside ComfyUI every KeyFace part (each network, the VAE piece
 ``comfy.model_patcher.ModelPatcher`` (:func:`model_patcher`) and each pipeline step asks
 ``model_management.load_models_gpu`` for the parts it uses (:func:`load_models`), so ComfyUI frees its own
 models for them, offloads ours when it needs the room and honours ``--lowvram`` / ``--novram`` / "free memory".
-The parts are plain torch modules, not built from ``comfy.ops`` layers, so they cannot be streamed layer by
-layer: each is loaded whole (``force_full_load``), one step's parts at a time when memory is short. With
-``--novram`` ComfyUI loads none of their weights and they run where they wait, on the CPU.
+The parts are plain torch modules, not built from ``comfy.ops`` layers, so ComfyUI cannot stream them layer by
+layer: each is loaded whole (``force_full_load``), one step's parts at a time when memory is short. Under
+``--lowvram`` / ``--novram`` (:func:`streams_layers`) KeyFace streams them itself, block by block, after asking
+ComfyUI to free the room for one step's blocks (:func:`free_memory`).
 
 Model folders registered with ComfyUI (so ``extra_model_paths.yaml`` entries work too)::
 
@@ -286,6 +287,17 @@ def manages_models() -> bool:
     return _comfy("comfy.model_management") is not None and _comfy("comfy.model_patcher") is not None
 
 
+def streams_layers() -> bool:
+    """True inside ComfyUI under ``--lowvram`` / ``--novram``: KeyFace then streams its networks block by block
+    itself (offload ``stream``, keyface.models.streaming) after :func:`free_memory`, instead of loading whole
+    parts through ``load_models_gpu`` (ComfyUI's own partial loading needs ``comfy.ops`` layers)."""
+    management = _comfy("comfy.model_management")
+    if management is None:
+        return False
+    state = getattr(management, "vram_state", None)
+    return state in (management.VRAMState.LOW_VRAM, management.VRAMState.NO_VRAM)
+
+
 @functools.cache
 def _part_holder():
     import torch
@@ -340,7 +352,7 @@ def network_dtype(precision: str, device):
 
     import torch
 
-    from keyface.loading import resolve_dtype
+    from keyface.loading import resolve_dtype, warn_slow_precision
 
     management = _comfy("comfy.model_management")
     if precision != "auto" or management is None:
@@ -356,6 +368,7 @@ def network_dtype(precision: str, device):
             "KeyFace: ComfyUI asks for %s networks, which KeyFace cannot run; using %s", dtype, fallback
         )
         return fallback
+    warn_slow_precision(dtype, device)  # ComfyUI answers half on a CPU only for an explicit --bf16/--fp16 flag
     return dtype
 
 

@@ -39,8 +39,12 @@ def test_every_line_is_a_metric_with_a_value(lines):
 
 
 def test_step_times_and_compute_per_video_second(lines):
-    steps = {(line["step"], line.get("segments_per_call")) for line in metric(lines, "step_s")}
+    steps = {(line["step"], line.get("segments_per_call")) for line in metric(lines, "step_s") if "offload" not in line}
     assert steps == {("keyframes", None), ("decode", None), ("segments", 1), ("segments", 2)}
+    assert {line["step"] for line in metric(lines, "step_s") if line.get("offload") == "stream"} == {
+        "keyframes",
+        "segments",
+    }
     assert all(line["value"] > 0 for line in metric(lines, "step_s"))
     per_video = metric(lines, "compute_s_per_video_s")
     assert [line["segments_per_call"] for line in per_video] == [1, 2] and all(line["value"] > 0 for line in per_video)
@@ -51,7 +55,7 @@ def test_memory_is_null_on_a_cpu_next_to_the_estimate(lines):
     assert {(line["step"], line["offload"]) for line in peaks} == {
         (step, mode)
         for step in ("identity", "keyframes", "segments", "decode")
-        for mode in ("none", "stage", "sequential")
+        for mode in ("none", "stage", "sequential", "stream")
     }
     assert all(line["value"] is None and line["estimate_bytes"] > 0 for line in peaks)
     none = {line["step"]: line["estimate_bytes"] for line in peaks if line["offload"] == "none"}

@@ -129,9 +129,12 @@ def test_the_offload_choice_follows_the_free_memory():
     assert estimate.offload_mode(None) == "none"
     assert estimate.offload_mode(1000 * GB) == "none"
     assert estimate.offload_mode(round(smallest.peak("stage") / (1 - MEMORY_MARGIN)) + 1) == "stage"
-    assert estimate.offload_mode(round(smallest.peak("stage") / (1 - MEMORY_MARGIN)) - 1) == "sequential"
-    assert estimate.offload_mode(8 * GB) == "sequential"
+    assert estimate.offload_mode(round(smallest.peak("stage") / (1 - MEMORY_MARGIN)) - 1) == "stream"
+    assert estimate.offload_mode(8 * GB) == "stream"
     assert estimate.peak("none") > estimate.peak("stage") == estimate.peak("sequential")
+    assert smallest.peak("stage") > smallest.peak("stream")  # streaming leaves mostly the activations to fit
+    assert 10 * smallest.stream_weights("segments") < smallest.weights("segments")
+    assert smallest.stream_weights("decode") == smallest.weights("decode")  # one block: nothing to prefetch
 
 
 @pytest.mark.parametrize("budget_gb", [0.001, 4, 8, 12, 24, 80])
@@ -214,10 +217,10 @@ def test_place_models_installs_the_chosen_residency(loaded, monkeypatch):
     assert all(p.device.type == "cpu" for p in models.keyframe.parameters())
     stage_fits = round(estimate.peak("stage") / (1 - MEMORY_MARGIN)) + 1
     assert estimate.peak("none") > stage_fits * (1 - MEMORY_MARGIN)  # so "stage" is the choice, not "none"
-    for budget, expected in ((stage_fits, "stage"), (estimate.weights("segments") // 2, "sequential")):
+    for budget, expected in ((stage_fits, "stage"), (estimate.weights("segments") // 2, "stream")):
         monkeypatch.setattr(memory, "free_device_memory", lambda device, budget=budget: budget)
         assert place_models(models, "cuda") == expected and models.residency.mode == expected
-    with pytest.raises(InputError, match="--offload must be auto or one of none, stage, sequential"):
+    with pytest.raises(InputError, match="--offload must be auto or one of none, stage, sequential, stream"):
         place_models(models, "cuda", "everything")
 
 
@@ -334,7 +337,7 @@ def test_plan_of_the_official_models(inputs, capsys):
     assert plan["disk_bytes"] == (len(schedule.batches) + len(schedule.segments)) * (14 * 4 * 64 * 64 * 4 + 512)
     estimate = official_estimate(dtype_bytes=4)
     assert plan["memory"]["segments"]["weights"] == estimate.weights("segments")
-    assert plan["peaks"] == {mode: estimate.peak(mode, 2) for mode in ("none", "stage", "sequential")}
+    assert plan["peaks"] == {mode: estimate.peak(mode, 2) for mode in ("none", "stage", "sequential", "stream")}
 
 
 def test_plan_for_a_given_gpu_memory(inputs, capsys):

@@ -15,6 +15,9 @@ Offload modes (:data:`OFFLOAD_MODES`), given a compute ``device`` and a resting 
   ``offload_device`` (peak = the largest step's parts + its activations).
 * ``sequential``: like ``stage``, and the parts also return to ``offload_device`` as soon as the step ends,
   so nothing stays resident between steps (lowest residency, one move per step).
+* ``stream``: for a step that does not fit even alone: its parts stay on ``offload_device`` and each block of
+  them moves to ``device`` just for its own forward (:mod:`keyface.models.streaming`; peak = one or two blocks +
+  the activations). Slowest: every network call moves every weight once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .streaming import STREAM_BLOCK_ELEMENTS, LayerStreamer, stream_layout
 
 if TYPE_CHECKING:
     from .stages import InterpolationModel, InterpolationNetwork, KeyframeModel
@@ -42,7 +46,7 @@ STEP_PARTS = {
     "decode": ("decoder",),
     "preview": ("keyframe_decoder",),
 }
-OFFLOAD_MODES = ("none", "stage", "sequential")
+OFFLOAD_MODES = ("none", "stage", "sequential", "stream")
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -121,6 +125,11 @@ class Residency:
     room): ``load(parts)`` is called before every step with all the parts the step uses, ``{name: module}``,
     resident or not (the host knows whether it moved them since); ``unload(parts)`` with the parts to leave
     the device. ``resident`` names the parts on ``device`` as far as this residency moved them.
+
+    Mode ``stream`` uses neither hook: ``make_room(bytes)`` (ComfyUI: free its own models) is called before each
+    step with the step's streaming peak of weights, blocks hold at most ``block_elements`` elements, the next
+    block is prefetched when ``prefetch``, and ``move`` replaces the default weight move
+    (:class:`~keyface.models.streaming.LayerStreamer`). ``streamer``: the last step's streamer.
     """
 
     device: torch.device
@@ -129,6 +138,11 @@ class Residency:
     load: Callable[[dict[str, torch.nn.Module]], None] | None = None
     unload: Callable[[dict[str, torch.nn.Module]], None] | None = None
     resident: set[str] = field(default_factory=set)
+    make_room: Callable[[int], None] | None = None
+    block_elements: int = STREAM_BLOCK_ELEMENTS
+    prefetch: bool = True
+    move: Callable[..., None] | None = None
+    streamer: LayerStreamer | None = None
 
     def __post_init__(self):
         if self.mode not in OFFLOAD_MODES:
@@ -137,7 +151,8 @@ class Residency:
     @property
     def active(self) -> bool:
         """False when nothing ever moves (mode ``none``, or one device and no host hooks)."""
-        return self.mode != "none" and (self.device != self.offload_device or self.load is not None)
+        hooked = self.load is not None or (self.mode == "stream" and (self.move, self.make_room) != (None, None))
+        return self.mode != "none" and (self.device != self.offload_device or hooked)
 
     def _load(self, parts: dict[str, torch.nn.Module]) -> None:
         if self.load is not None:
@@ -164,7 +179,18 @@ class Residency:
             yield
             return
         wanted = models.parts(names)
-        self._unload({name: module for name, module in models.parts().items() if name in self.resident - set(wanted)})
+        keep = set() if self.mode == "stream" else set(wanted)
+        self._unload({name: module for name, module in models.parts().items() if name in self.resident - keep})
+        if self.mode == "stream":
+            layout = stream_layout(wanted.values(), self.block_elements)
+            if self.make_room is not None:
+                self.make_room(layout.peak_bytes(self.prefetch))
+            self.streamer = LayerStreamer(
+                layout, wanted.values(), self.device, self.offload_device, prefetch=self.prefetch, move=self.move
+            )
+            with self.streamer:
+                yield
+            return
         self._load(wanted)
         try:
             yield

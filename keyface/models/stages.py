@@ -27,6 +27,7 @@ from .conditioning import (
     interpolation_frames,
     unscale_latent,
 )
+from .streaming import compute_device
 from .unet import KeyFaceUNet
 
 
@@ -104,8 +105,7 @@ class _StageNetwork(nn.Module):
             raise InputError(
                 f"{name} has shape {tuple(audio.shape)}; expected (clips, {self.frames}, subframes, {expected})"
             )
-        weight = projection.linear.weight
-        return projection(audio.to(device=weight.device, dtype=weight.dtype)).float()
+        return projection(audio.to(device=compute_device(projection), dtype=projection.linear.weight.dtype)).float()
 
     def _check_latent(self, latent: torch.Tensor, name: str, batch: int | None = None) -> None:
         channels, size = self.config.latent_channels, self.config.latent_size

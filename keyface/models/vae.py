@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import VAE_SCALE_FACTOR, DecoderConfig, EncoderConfig
 from ..errors import InputError
+from .streaming import compute_device
 
 # Pixel range mapping of the SVD VAE input: [0, 255] -> [-1, 1] (docs/models.md#identity-image, `/127.5 - 1`).
 PIXEL_HALF_RANGE = 127.5
@@ -76,8 +77,8 @@ class IdentityEncoder(nn.Module):
 
     def posterior(self, pixels: torch.Tensor) -> DiagonalGaussianDistribution:
         """Posterior of ``pixels`` ``(batch, 3, H, W)`` in [-1, 1]; ``.mean``, ``.logvar`` (clamped), ``.std``."""
-        weight = self.quant_conv.weight
-        moments = self.quant_conv(self.encoder(pixels.to(device=weight.device, dtype=weight.dtype)))
+        pixels = pixels.to(device=compute_device(self), dtype=self.quant_conv.weight.dtype)
+        moments = self.quant_conv(self.encoder(pixels))
         return DiagonalGaussianDistribution(moments.float())
 
     def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +118,9 @@ class FrameDecoder(nn.Module):
                 f"latents have shape {tuple(latents.shape)}; expected (frames, {self.config.latent_channels}, h, w)"
             )
         weight = self.decoder.conv_in.weight
+        device = compute_device(self)
         # A batch of one-frame videos: each frame is decoded alone (its temporal layers see only itself), as
         # with one call per frame, but in one pass (several times faster on a CPU).
-        single_frames = torch.zeros(latents.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        z = (latents / VAE_SCALE_FACTOR).to(device=weight.device, dtype=weight.dtype)
+        single_frames = torch.zeros(latents.shape[0], 1, dtype=weight.dtype, device=device)
+        z = (latents / VAE_SCALE_FACTOR).to(device=device, dtype=weight.dtype)
         return self.decoder(z, image_only_indicator=single_frames, num_frames=1).float()
