@@ -33,14 +33,14 @@ def execute_node(node, hidden: dict | None = None, **inputs):
     return node.PREPARE_CLASS_CLONE(hidden or {}).EXECUTE_NORMALIZED(**inputs)
 
 
-def validate_node(node, hidden: dict | None = None, **inputs):
-    """A V3 node's ``validate_inputs`` as ComfyUI's validation calls it (True, or the message); True when the node
-    defines none."""
+def validate_inputs_of(node, hidden: dict | None = None):
+    """A V3 node's own ``validate_inputs``, bound to a class clone as ComfyUI's prompt validation calls it; None when
+    the node defines none (ComfyUI then calls nothing)."""
     from comfy_api.v0_0_2 import io
 
     if node.validate_inputs.__func__ is io.ComfyNode.validate_inputs.__func__:
-        return True
-    return node.PREPARE_CLASS_CLONE(hidden or {}).validate_inputs(**inputs)
+        return None
+    return node.PREPARE_CLASS_CLONE(hidden or {}).validate_inputs
 
 
 def random_conditioning(models, frames: int, seed: int = 3) -> Conditioning:
