@@ -66,6 +66,12 @@ class KeyFaceLoadAudio(io.ComfyNode):
                 # which the frontend adds by itself to core audio nodes only; declared here (optional, never sent
                 # with the prompt) it is created before the button.
                 AUDIO_UI.Input(AUDIO_PLAYER, optional=True, tooltip="Plays the chosen audio file."),
+                io.Video.Input(
+                    "video",
+                    optional=True,
+                    tooltip="A core VIDEO (Load Video, Create Video, ...): its sound track is used instead of the "
+                    "file. Connect this or audio_input, not both.",
+                ),
             ],
             outputs=[
                 io.Audio.Output(
@@ -86,8 +92,8 @@ class KeyFaceLoadAudio(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, audio=None, audio_input=_NOT_CONNECTED):
-        if audio_input is not _NOT_CONNECTED:
+    def validate_inputs(cls, audio=None, audio_input=_NOT_CONNECTED, video=_NOT_CONNECTED):
+        if audio_input is not _NOT_CONNECTED or video is not _NOT_CONNECTED:
             return True
         if not audio or not host.input_path(audio).is_file():
             return f"audio: file {audio!r} not found in ComfyUI's input folder; upload it or connect audio_input"
@@ -103,9 +109,11 @@ class KeyFaceLoadAudio(io.ComfyNode):
 
     @classmethod
     @node_function()
-    def execute(cls, model, audio=None, start_seconds=0.0, duration_seconds=0.0, audio_input=None, audioUI=None):
+    def execute(
+        cls, model, audio=None, start_seconds=0.0, duration_seconds=0.0, audio_input=None, audioUI=None, video=None
+    ):
         # audioUI: the frontend sends its player widget's (empty) value along; nothing to do with it
-        clip = cls.clip(audio, start_seconds, duration_seconds, audio_input)
+        clip = cls.clip(audio, start_seconds, duration_seconds, audio_input, video)
         progress = NodeProgress()
         features = model.extractor.extract(clip, mode="default", progress=progress.update)
         if model.offloads:  # the encoders are only needed for new audio; give their memory back
@@ -115,12 +123,19 @@ class KeyFaceLoadAudio(io.ComfyNode):
         return io.NodeOutput(clip.to_comfy(), handle, clip.duration_seconds, features.num_frames)
 
     @classmethod
-    def clip(cls, audio, start_seconds, duration_seconds, audio_input):
+    def clip(cls, audio, start_seconds, duration_seconds, audio_input, video=None):
         """The requested audio as an :class:`~keyface.audio.io.AudioClip`, trimmed."""
         from keyface.audio.io import AudioClip, load_audio
 
         check_widgets(cls, {"start_seconds": start_seconds, "duration_seconds": duration_seconds})
         duration = duration_seconds if duration_seconds > 0 else None
+        if video is not None:
+            if audio_input is not None:
+                raise InputError("video / audio_input: connect one of them, not both (each replaces the audio file)")
+            audio_input = video.get_components().audio
+            if audio_input is None:
+                raise InputError("video: the connected video has no sound track; connect audio_input or pick a file")
+            return AudioClip.from_comfy(audio_input, "video").cut(start_seconds, duration)
         if audio_input is None:
             if not audio:
                 raise InputError("audio: no audio file chosen and audio_input is not connected")

@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 
-from comfy_api.v0_0_2 import io, ui
+from comfy_api.v0_0_2 import InputImpl, io, ui
 
 from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
@@ -122,7 +122,14 @@ class KeyFaceVideoCombine(io.ComfyNode):
                     "original picture while writing.",
                 ),
             ],
-            outputs=[],
+            outputs=[
+                io.Video.Output(
+                    "core_video",  # "video" is the input's id; ids are unique across inputs and outputs
+                    display_name="video",
+                    tooltip="The written mp4 (audio muxed) as a core VIDEO, for Save Video, Get Video Components "
+                    "and other video nodes.",
+                )
+            ],
             is_output_node=True,  # also asks for the hidden prompt and extra_pnginfo (the workflow)
         )
 
@@ -186,7 +193,7 @@ class KeyFaceVideoCombine(io.ComfyNode):
         if video is not None:
             video_written(video)
         saved = ui.SavedResult(path.name, subfolder, io.FolderType.output)
-        return io.NodeOutput(ui=ui.PreviewVideo([saved]))
+        return io.NodeOutput(InputImpl.VideoFromFile(str(path)), ui=ui.PreviewVideo([saved]))
 
 
 class _Upscaler:

@@ -9,14 +9,15 @@ import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-import av
-import numpy as np
-import torch
+# Imported where used, so that importing the stand-in (as the pack does at start-up) loads no torch or PyAV,
+# and the pack's own import cost stays measurable.
+if TYPE_CHECKING:
+    import torch
 
-ImageInput = torch.Tensor
-MaskInput = torch.Tensor
+ImageInput = "torch.Tensor"
+MaskInput = "torch.Tensor"
 
 
 class AudioInput(TypedDict):
@@ -71,6 +72,8 @@ class VideoFromFile(VideoInput):
         return self._source()
 
     def get_dimensions(self) -> tuple[int, int]:
+        import av
+
         with av.open(self._source(), mode="r") as container:
             for stream in container.streams:
                 if stream.type == "video":
@@ -78,6 +81,8 @@ class VideoFromFile(VideoInput):
         raise ValueError(f"No video stream found in file '{self._file}'")
 
     def get_duration(self) -> float:
+        import av
+
         with av.open(self._source(), mode="r") as container:
             if container.duration is not None:
                 return float(container.duration / av.time_base)
@@ -87,6 +92,10 @@ class VideoFromFile(VideoInput):
         raise ValueError(f"Could not determine duration for file '{self._file}'")
 
     def get_components(self) -> VideoComponents:
+        import av
+        import numpy as np
+        import torch
+
         with av.open(self._source(), mode="r") as container:
             frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) / 255.0 for f in container.decode(video=0)]
             images = torch.stack(frames) if frames else torch.zeros(0, 3, 0, 0)
@@ -107,6 +116,8 @@ class VideoFromFile(VideoInput):
 
     def save_to(self, path: str, format: Any = "auto", codec: Any = "auto", metadata: dict | None = None):
         """Copies the streams unchanged (the real one re-encodes only when another container or codec is asked)."""
+        import av
+
         with av.open(self._source(), mode="r") as source, av.open(path, mode="w", format="mp4") as target:
             for key, value in (metadata or {}).items():
                 target.metadata[key] = value if isinstance(value, str) else str(value)
@@ -130,6 +141,9 @@ class VideoFromComponents(VideoInput):
         return VideoComponents(images=c.images, audio=c.audio, frame_rate=c.frame_rate)
 
     def save_to(self, path: str, format: Any = "auto", codec: Any = "auto", metadata: dict | None = None):
+        import av
+        import numpy as np
+
         c = self._components
         with av.open(path, mode="w", format="mp4") as output:
             video = output.add_stream("h264", rate=Fraction(round(c.frame_rate * 1000), 1000))
