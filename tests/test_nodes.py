@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from comfy_api.v0_0_2 import io
 from helpers import NODE_PACK_NAME as PACK_NAME
 from helpers import execute_node, load_node_pack
 
@@ -566,11 +567,12 @@ def widget_defaults(node_class) -> dict:
     return values
 
 
-def run(node_id: str, **inputs):
-    """Execute a node like ComfyUI (:func:`helpers.execute_node`) with the widget defaults overridden by ``inputs``:
-    its output values, or for a node with a UI output ``{"ui": <what the frontend gets>, "result": values}``."""
+def run(node_id: str, hidden: dict | None = None, **inputs):
+    """Execute a node like ComfyUI (:func:`helpers.execute_node`, ``hidden``: ``{io.Hidden: value}``) with the widget
+    defaults overridden by ``inputs``: its output values, or for a node with a UI output
+    ``{"ui": <what the frontend gets>, "result": values}``."""
     node_class = NODES[node_id]
-    output = execute_node(node_class, **{**widget_defaults(node_class), **inputs})
+    output = execute_node(node_class, hidden, **{**widget_defaults(node_class), **inputs})
     if output.ui is not None:
         return {"ui": output.ui.as_dict(), "result": output.result}
     return output.result
@@ -1030,8 +1032,10 @@ def test_video_combine_streams_an_mp4_with_audio_and_the_workflow(chain, workspa
         "KeyFaceVideoCombine",
         video=chain.video,
         filename_prefix="keyface/test",
-        prompt={"1": {"class_type": "KeyFaceVideoCombine"}},
-        extra_pnginfo={"workflow": workflow},
+        hidden={
+            io.Hidden.prompt: {"1": {"class_type": "KeyFaceVideoCombine"}},
+            io.Hidden.extra_pnginfo: {"workflow": workflow},
+        },
     )
     (shown,) = result["ui"]["images"]
     assert result["ui"]["animated"] == (True,) and shown["type"] == "output" and shown["subfolder"] == "keyface"
