@@ -118,7 +118,8 @@ def test_a_long_emotion_curve_and_a_long_choice_list_stay_short():
     class Node:
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"keyframe": ([f"stage_{i:03d}.safetensors" for i in range(300)], {})}}
+            choices = [f"stage_{i:03d}.safetensors" for i in range(300)]
+            return {"required": {"keyframe": ("COMBO", {"options": choices})}}  # a V3 combo's classic view
 
     with pytest.raises(InputError) as raised:
         common.check_widgets(Node, {"keyframe": "missing.safetensors"})
