@@ -15,11 +15,11 @@ _PACK_FOLDER = os.path.dirname(os.path.abspath(__file__))
 if importlib.util.find_spec("keyface") is None:
     sys.path.append(_PACK_FOLDER)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402 (the pack folder goes on sys.path first)
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_entrypoint  # noqa: E402 (the pack folder goes on sys.path first)
 from .nodes.samples import install_into_comfyui  # noqa: E402
 
 install_into_comfyui()
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "comfy_entrypoint"]

@@ -1,8 +1,12 @@
 """The KeyFace ComfyUI nodes: thin adapters from ComfyUI's node contract to the ``keyface`` library.
 
-Importing this package is cheap (no torch, no model files): the node modules import the library where
-they use it, and ComfyUI itself only through :mod:`.host`.
+Every node is a V3 node (``comfy_api.v0_0_2``: ``io.ComfyNode`` with ``define_schema`` / ``execute``). ComfyUI
+0.3.64 registers a pack from ``NODE_CLASS_MAPPINGS`` when it has one (V3 classes work there) and from
+``comfy_entrypoint()`` otherwise; both list the same classes. Importing this package is cheap (no torch, no model
+files): the node modules import the library where they use it, and ComfyUI itself only through :mod:`.host`.
 """
+
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .audio import KeyFaceLoadAudio
 from .emotion import KeyFaceEmotionCurve
@@ -42,6 +46,16 @@ NODE_CLASS_MAPPINGS = {
     )
 }
 
+
+class KeyFaceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_CLASS_MAPPINGS.values())
+
+
+async def comfy_entrypoint() -> KeyFaceExtension:
+    return KeyFaceExtension()
+
+
 register_model_folders()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "comfy_entrypoint"]

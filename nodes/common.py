@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_widgets(node_class, values: Mapping[str, Any]) -> None:
-    """Check widget values against the node's own INPUT_TYPES (numbers in range, combo choices), raising one
+    """Check widget values against the node's own INPUT_TYPES (derived from its V3 schema) (numbers in range, combo choices), raising one
     InputError naming the input. ComfyUI checks the same before queueing; this covers direct calls and
     values its check skips."""
     spec = node_class.INPUT_TYPES()
@@ -48,9 +48,9 @@ def check_widgets(node_class, values: Mapping[str, Any]) -> None:
                 low, high = options.get("min", -math.inf), options.get("max", math.inf)
                 if not low <= value <= high:
                     raise InputError(f"{name}: {value} is outside the allowed range {low} .. {high}")
-            elif isinstance(kind, list) and value not in kind:
-                shown = ", ".join(map(repr, kind[:_CHOICES_SHOWN]))
-                more = f" and {len(kind) - _CHOICES_SHOWN} more" if len(kind) > _CHOICES_SHOWN else ""
+            elif kind == "COMBO" and value not in (choices := options.get("options", [])):
+                shown = ", ".join(map(repr, choices[:_CHOICES_SHOWN]))
+                more = f" and {len(choices) - _CHOICES_SHOWN} more" if len(choices) > _CHOICES_SHOWN else ""
                 raise InputError(f"{name}: {value!r} is not one of {shown}{more}")
 
 
@@ -145,8 +145,8 @@ def file_named_as_chosen(path: Path, chosen: str) -> Iterator[None]:
 
 
 def widget_problem(node_class, values: Mapping[str, Any]) -> str | None:
-    """:func:`check_widgets` for a ``VALIDATE_INPUTS``: the message, or None when the values are fine. (ComfyUI
-    skips its own range check for every input a ``VALIDATE_INPUTS`` names, and passes a linked one as None.)"""
+    """:func:`check_widgets` for a ``validate_inputs``: the message, or None when the values are fine. (ComfyUI
+    skips its own range check for every input a ``validate_inputs`` names, and passes a linked one as None.)"""
     try:
         check_widgets(node_class, values)
     except InputError as error:

@@ -6,6 +6,8 @@ text alone, so it works (and validates) without the extension.
 
 from __future__ import annotations
 
+from comfy_api.v0_0_2 import io
+
 from keyface.errors import InputError
 
 from .common import CATEGORY, check_widgets, node_function, tell_artist
@@ -28,62 +30,61 @@ def parse_emotion_input(text) -> object:
         raise InputError(message if message.startswith("emotion") else f"emotion: {message}") from None
 
 
-class KeyFaceEmotionCurve:
-    DESCRIPTION = (
-        "The emotion of the talking head over time, as valence (unpleasant..pleasant) and arousal (calm..excited) "
-        "in [-1, 1]. Type an emotion name ('happy'), a timed list ('neutral at 0 s, happy at 4 s, sad at 12.5 s') "
-        "or edit the curve with the graph below the text. The values hold before the first and after the last "
-        "point."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "build"
-    RETURN_TYPES = (EMOTION,)
-    RETURN_NAMES = ("emotion",)
-    OUTPUT_TOOLTIPS = ("The emotion curve, for the Keyframe Sampler's emotion input.",)
-
+class KeyFaceEmotionCurve(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.emotion import EMOTIONS
 
-        return {
-            "required": {
-                "emotion": (
-                    "STRING",
-                    {
-                        "default": "neutral",
-                        "multiline": True,
-                        "tooltip": "An emotion name (" + ", ".join(sorted(EMOTIONS)) + "), a timed list such as "
-                        "'neutral at 0 s, happy at 4 s', or the curve JSON the editor writes "
-                        '({"format": "keyface-emotion-v1", "valence": [[t, v], ...], "arousal": [[t, a], ...]}).',
-                    },
+        return io.Schema(
+            node_id="KeyFaceEmotionCurve",
+            display_name="KeyFace Emotion Curve",
+            category=CATEGORY,
+            description=(
+                "The emotion of the talking head over time, as valence (unpleasant..pleasant) and arousal "
+                "(calm..excited) in [-1, 1]. Type an emotion name ('happy'), a timed list ('neutral at 0 s, happy at "
+                "4 s, sad at 12.5 s') or edit the curve with the graph below the text. The values hold before the "
+                "first and after the last point."
+            ),
+            inputs=[
+                io.String.Input(
+                    "emotion",
+                    default="neutral",
+                    multiline=True,
+                    tooltip="An emotion name (" + ", ".join(sorted(EMOTIONS)) + "), a timed list such as "
+                    "'neutral at 0 s, happy at 4 s', or the curve JSON the editor writes "
+                    '({"format": "keyface-emotion-v1", "valence": [[t, v], ...], "arousal": [[t, a], ...]}).',
                 ),
-                "duration": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULT_DURATION,
-                        "min": 0.1,
-                        "max": MAX_DURATION,
-                        "step": 0.1,
-                        "tooltip": "Length of the clip in seconds: the time axis of the curve editor (connect Load "
-                        "Audio's duration). The curve itself is in seconds and does not depend on it.",
-                    },
+                io.Float.Input(
+                    "duration",
+                    default=DEFAULT_DURATION,
+                    min=0.1,
+                    max=MAX_DURATION,
+                    step=0.1,
+                    tooltip="Length of the clip in seconds: the time axis of the curve editor (connect Load "
+                    "Audio's duration). The curve itself is in seconds and does not depend on it.",
                 ),
-            }
-        }
+            ],
+            outputs=[
+                EMOTION.Output(
+                    display_name="emotion", tooltip="The emotion curve, for the Keyframe Sampler's emotion input."
+                )
+            ],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, emotion):
+    def validate_inputs(cls, emotion):
         try:
             parse_emotion_input(emotion)
         except InputError as error:
             return str(error)
         return True
 
+    @classmethod
     @node_function()
-    def build(self, emotion, duration=DEFAULT_DURATION):
-        check_widgets(type(self), {"duration": duration})
+    def execute(cls, emotion, duration=DEFAULT_DURATION):
+        check_widgets(cls, {"duration": duration})
         curve = parse_emotion_input(emotion)
         last = max(curve.valence[-1][0], curve.arousal[-1][0])
         if last > duration:
             tell_artist(f"emotion: the curve has points up to {last:.2f} s, after the clip's {duration:.2f} s")
-        return (curve,)
+        return io.NodeOutput(curve)

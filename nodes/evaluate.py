@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from comfy_api.v0_0_2 import io
+
 from keyface.errors import InputError
 
 from . import host
@@ -24,62 +26,66 @@ def _media_path(value: str):
     return path if path.is_absolute() else host.input_path(value.strip())
 
 
-class KeyFaceEvaluate:
-    DESCRIPTION = (
-        "Measures a generated talking-head video: identity similarity to the reference over time (drift per "
-        "minute), SyncNet LSE-C / LSE-D and a mouth-open vs audio-energy correlation over time, and the emotion "
-        "curve stored in the file, and LipScore against a real video. Weights are read from models/keyface/eval "
-        "(arcface_r50.pth, syncnet_v2.model, vsr_trlrs2lrs3vox2avsp_base_updated.pth); measures whose weights are missing are skipped and listed in the report."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "evaluate"
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("plot", "report_json")
-    OUTPUT_TOOLTIPS = (
-        "One figure with every curve on a shared time axis (connect Preview Image or Save Image).",
-        "The report's numbers as JSON text (per second, per minute, per window, and what was skipped).",
-    )
-
+class KeyFaceEvaluate(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.evaluate.tracking import DEFAULT_DETECT_EVERY
 
-        return {
-            "required": {
-                "video_path": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "The video file to measure (absolute, or relative to ComfyUI's input folder; "
-                        "'name [output]' for the output folder). Leave empty and connect images + audio instead.",
-                    },
+        return io.Schema(
+            node_id="KeyFaceEvaluate",
+            display_name="KeyFace Evaluate",
+            category=CATEGORY,
+            description=(
+                "Measures a generated talking-head video: identity similarity to the reference over time (drift per "
+                "minute), SyncNet LSE-C / LSE-D and a mouth-open vs audio-energy correlation over time, and the "
+                "emotion curve stored in the file, and LipScore against a real video. Weights are read from "
+                "models/keyface/eval (arcface_r50.pth, syncnet_v2.model, vsr_trlrs2lrs3vox2avsp_base_updated.pth); "
+                "measures whose weights are missing are skipped and listed in the report."
+            ),
+            inputs=[
+                io.String.Input(
+                    "video_path",
+                    default="",
+                    tooltip="The video file to measure (absolute, or relative to ComfyUI's input folder; "
+                    "'name [output]' for the output folder). Leave empty and connect images + audio instead.",
                 ),
-                "detect_every": (
-                    "INT",
-                    {
-                        "default": DEFAULT_DETECT_EVERY,
-                        "min": 1,
-                        "max": 100,
-                        "tooltip": "Run the face detector on every n-th frame; the face is interpolated in between.",
-                    },
+                io.Int.Input(
+                    "detect_every",
+                    default=DEFAULT_DETECT_EVERY,
+                    min=1,
+                    max=100,
+                    tooltip="Run the face detector on every n-th frame; the face is interpolated in between.",
                 ),
-            },
-            "optional": {
-                "images": ("IMAGE", {"tooltip": "The video as frames (25 fps), used when video_path is empty."}),
-                "audio": ("AUDIO", {"tooltip": "The video's audio, with images."}),
-                "reference_image": ("IMAGE", {"tooltip": "The portrait the video was made from (one image)."}),
-                "ground_truth_path": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "A real video of the same speech (25 fps) for LipScore; same rules as video_path.",
-                    },
+                io.Image.Input(
+                    "images", optional=True, tooltip="The video as frames (25 fps), used when video_path is empty."
                 ),
-            },
-        }
+                io.Audio.Input("audio", optional=True, tooltip="The video's audio, with images."),
+                io.Image.Input(
+                    "reference_image", optional=True, tooltip="The portrait the video was made from (one image)."
+                ),
+                io.String.Input(
+                    "ground_truth_path",
+                    default="",
+                    optional=True,
+                    tooltip="A real video of the same speech (25 fps) for LipScore; same rules as video_path.",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="plot",
+                    tooltip="One figure with every curve on a shared time axis (connect Preview Image or Save Image).",
+                ),
+                io.String.Output(
+                    display_name="report_json",
+                    tooltip="The report's numbers as JSON text (per second, per minute, per window, and what was "
+                    "skipped).",
+                ),
+            ],
+        )
 
-    def evaluate(
-        self, video_path="", detect_every=5, images=None, audio=None, reference_image=None, ground_truth_path=""
+    @classmethod
+    def execute(
+        cls, video_path="", detect_every=5, images=None, audio=None, reference_image=None, ground_truth_path=""
     ):
         from keyface.evaluate import EvaluationOptions, evaluate_file, evaluate_frames
         from keyface.evaluate.plot import render_image
@@ -103,4 +109,4 @@ class KeyFaceEvaluate:
             )
         else:
             raise InputError("video_path: give a video file, or leave it empty and connect images (and audio)")
-        return (uint8_to_image(render_image(report))[None], report.to_json())
+        return io.NodeOutput(uint8_to_image(render_image(report))[None], report.to_json())

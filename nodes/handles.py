@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from comfy_api.v0_0_2 import io
+
 from . import host
 
 if TYPE_CHECKING:
@@ -33,12 +35,13 @@ if TYPE_CHECKING:
     from keyface.models.bundle import KeyFaceModels
     from keyface.pipeline import TalkingHeadJob
 
-MODEL = "KEYFACE_MODEL"
-AUDIO_FEATURES = "KEYFACE_AUDIO"
-EMOTION = "KEYFACE_EMOTION"
-CROP = "KEYFACE_CROP"
-KEYFRAMES = "KEYFACE_KEYFRAMES"
-VIDEO = "KEYFACE_VIDEO"
+# The pack's socket types (V3 custom types; the strings are what saved workflows store)
+MODEL = io.Custom("KEYFACE_MODEL")
+AUDIO_FEATURES = io.Custom("KEYFACE_AUDIO")
+EMOTION = io.Custom("KEYFACE_EMOTION")
+CROP = io.Custom("KEYFACE_CROP")
+KEYFRAMES = io.Custom("KEYFACE_KEYFRAMES")
+VIDEO = io.Custom("KEYFACE_VIDEO")
 
 
 @dataclass

@@ -17,6 +17,8 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
+from comfy_api.v0_0_2 import io
+
 from keyface.errors import InputError, KeyFaceError, MissingWeightsError
 
 from . import host
@@ -180,20 +182,9 @@ def missing_model_files(names: dict[str, str]) -> KeyFaceError | None:
     )
 
 
-class KeyFaceModelLoader:
-    DESCRIPTION = (
-        "Loads the KeyFace networks (keyframe stage, interpolation stage, optional autoguidance network), the SVD "
-        "VAE and the three audio encoders from ComfyUI's models/keyface folder. Loaded models are kept between "
-        "runs; changing only the device moves them instead of reading the files again."
-    )
-    CATEGORY = f"{CATEGORY}/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The loaded KeyFace models: connect to Load Audio and Keyframe Sampler.",)
-
+class KeyFaceModelLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.loading import ENGINE_SUFFIXES, PRECISIONS, STAGE_FILE_STEMS
 
         files = stage_files()
@@ -203,65 +194,78 @@ class KeyFaceModelLoader:
         release_names = {stem + ENGINE_SUFFIXES[0] for stem in STAGE_FILE_STEMS.values()}
         choices = sorted({*files, *defaults.values(), *release_names})
 
-        def stage(role: str, tooltip: str):
-            return (choices, {"default": defaults[role], "tooltip": tooltip})
+        def stage(role: str, tooltip: str) -> io.Combo.Input:
+            return io.Combo.Input(role, options=choices, default=defaults[role], tooltip=tooltip)
 
-        audio = {
-            role: (audio_choices(role), {"default": _audio_defaults()[role], "tooltip": tooltip})
+        audio = [
+            io.Combo.Input(role, options=audio_choices(role), default=_audio_defaults()[role], tooltip=tooltip)
             for role, tooltip in (
                 ("wavlm", "WavLM Base+ speech encoder (keyframe-stage audio features), from models/keyface/audio."),
                 ("beats", "BEATs audio encoder (both stages), from models/keyface/audio."),
                 ("wav2vec2", "wav2vec2-base-960h folder (stage 2 audio features), from models/keyface/audio."),
             )
-        }
-        return {
-            "required": {
-                "keyframe": stage("keyframe", "Stage 1 checkpoint (keyframe.pt or its .safetensors conversion)."),
-                "interpolation": stage(
+        ]
+        return io.Schema(
+            node_id="KeyFaceModelLoader",
+            display_name="KeyFace Model Loader",
+            category=f"{CATEGORY}/loaders",
+            description=(
+                "Loads the KeyFace networks (keyframe stage, interpolation stage, optional autoguidance network), "
+                "the SVD VAE and the three audio encoders from ComfyUI's models/keyface folder. Loaded models are "
+                "kept between runs; changing only the device moves them instead of reading the files again."
+            ),
+            inputs=[
+                stage("keyframe", "Stage 1 checkpoint (keyframe.pt or its .safetensors conversion)."),
+                stage(
                     "interpolation",
                     "Stage 2 checkpoint (interpolation.pt / .safetensors); its VAE decoder makes the output frames.",
                 ),
-                "autoguidance": (
-                    [NO_AUTOGUIDANCE, *choices],
-                    {
-                        "default": defaults["autoguidance"],
-                        "tooltip": "Stage 2 autoguidance ('bad') network, interpolation_bad.pt. 'none' runs the "
-                        "interpolation without autoguidance (faster, less sharp).",
-                    },
+                io.Combo.Input(
+                    "autoguidance",
+                    options=[NO_AUTOGUIDANCE, *choices],
+                    default=defaults["autoguidance"],
+                    tooltip="Stage 2 autoguidance ('bad') network, interpolation_bad.pt. 'none' runs the "
+                    "interpolation without autoguidance (faster, less sharp).",
                 ),
-                "vae": (
-                    vae_choices(),
-                    {
-                        "default": DEFAULT_VAE,
-                        "tooltip": "Folder of the SVD VAE (diffusers layout: "
-                        "config.json + diffusion_pytorch_model.safetensors); it turns the portrait and edited "
-                        "keyframes into latents.",
-                    },
+                io.Combo.Input(
+                    "vae",
+                    options=vae_choices(),
+                    default=DEFAULT_VAE,
+                    tooltip="Folder of the SVD VAE (diffusers layout: "
+                    "config.json + diffusion_pytorch_model.safetensors); it turns the portrait and edited "
+                    "keyframes into latents.",
                 ),
-                **audio,
-                "device": (
-                    list(DEVICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "Where the networks run. auto: ComfyUI's "
-                        "device (the GPU unless ComfyUI was started with --cpu).",
-                    },
+                *audio,
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICES),
+                    default="auto",
+                    tooltip="Where the networks run. auto: ComfyUI's "
+                    "device (the GPU unless ComfyUI was started with --cpu).",
                 ),
-                "precision": (
-                    list(PRECISIONS),
-                    {
-                        "default": "auto",
-                        "tooltip": "Network precision. auto: what ComfyUI chooses for the device and its "
-                        "flags (--force-fp16, --bf16-unet, --fp32-unet, ...): bf16 on GPUs that support it, else "
-                        "fp16; fp32 on the CPU. The VAE always runs in fp32.",
-                    },
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="auto",
+                    tooltip="Network precision. auto: what ComfyUI chooses for the device and its "
+                    "flags (--force-fp16, --bf16-unet, --fp32-unet, ...): bf16 on GPUs that support it, else "
+                    "fp16; fp32 on the CPU. The VAE always runs in fp32.",
                 ),
-            }
-        }
+            ],
+            outputs=[
+                MODEL.Output(
+                    display_name="model",
+                    tooltip="The loaded KeyFace models: connect to Load Audio and Keyframe Sampler.",
+                )
+            ],
+        )
 
+    @classmethod
     @node_function()
-    def load(self, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"):
-        check_widgets(type(self), {"device": device, "precision": precision})
+    def execute(
+        cls, keyframe, interpolation, autoguidance, vae, wavlm, beats, wav2vec2, device="auto", precision="auto"
+    ):
+        check_widgets(cls, {"device": device, "precision": precision})
         names = {
             "keyframe": keyframe,
             "interpolation": interpolation,
@@ -289,7 +293,7 @@ class KeyFaceModelLoader:
         dtype = host.network_dtype(precision, torch_device)  # resolved: the cache key never holds "auto"
         resting = host.offload_device(torch_device)
         models = _load_networks(paths, audio["wavlm"].parent, resting, dtype)
-        return (_bundle_for(models, audio, torch_device, resting, dtype),)
+        return io.NodeOutput(_bundle_for(models, audio, torch_device, resting, dtype))
 
 
 def _bundle_for(models, audio: dict, device, resting, dtype) -> ModelBundle:

@@ -7,6 +7,8 @@ import json
 import logging
 from collections.abc import Iterator
 
+from comfy_api.v0_0_2 import InputImpl, io, ui
+
 from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
 
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "video/KeyFace"
 MAX_FPS = 240.0
-# VALIDATE_INPUTS default for `video`: ComfyUI passes a connected input as None while validating and leaves an
+# validate_inputs default for `video`: ComfyUI passes a connected input as None while validating and leaves an
 # unconnected one out, so this value means "not connected".
 _NOT_CONNECTED = object()
 
@@ -59,85 +61,80 @@ def _frame_rate_problem(fps: float) -> str | None:
     return None
 
 
-class KeyFaceVideoCombine:
-    DESCRIPTION = (
-        "Writes the video to an mp4 (H.264 + AAC) in ComfyUI's output folder while it is decoded, frame by frame, "
-        "so even hours of video never sit in memory. Takes a KeyFace video or any IMAGE batch; optionally "
-        "upscales each frame with an upscale model and pastes the face back into the full portrait. The "
-        "workflow is stored in the file: drag it onto ComfyUI to get the graph back."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "combine"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-
+class KeyFaceVideoCombine(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from keyface.video import DEFAULT_CRF
 
-        return {
-            "required": {
-                "fps": (
-                    "FLOAT",
-                    {
-                        "default": float(VIDEO_FPS),
-                        "min": 1.0,
-                        "max": MAX_FPS,
-                        "step": 0.01,
-                        "tooltip": "Frame rate for an IMAGE batch. A KeyFace video is always 25 fps (the models' "
-                        "rate); another value is refused there.",
-                    },
+        return io.Schema(
+            node_id="KeyFaceVideoCombine",
+            display_name="KeyFace Video Combine",
+            category=CATEGORY,
+            description=(
+                "Writes the video to an mp4 (H.264 + AAC) in ComfyUI's output folder while it is decoded, frame by "
+                "frame, so even hours of video never sit in memory. Takes a KeyFace video or any IMAGE batch; "
+                "optionally upscales each frame with an upscale model and pastes the face back into the full "
+                "portrait. The workflow is stored in the file: drag it onto ComfyUI to get the graph back."
+            ),
+            inputs=[
+                io.Float.Input(
+                    "fps",
+                    default=float(VIDEO_FPS),
+                    min=1.0,
+                    max=MAX_FPS,
+                    step=0.01,
+                    tooltip="Frame rate for an IMAGE batch. A KeyFace video is always 25 fps (the models' "
+                    "rate); another value is refused there.",
                 ),
-                "crf": (
-                    "INT",
-                    {
-                        "default": DEFAULT_CRF,
-                        "min": 0,
-                        "max": 51,
-                        "tooltip": "H.264 quality: lower is "
-                        "better and larger (18 looks lossless, 23 is ffmpeg's default, 0 is lossless).",
-                    },
+                io.Int.Input(
+                    "crf",
+                    default=DEFAULT_CRF,
+                    min=0,
+                    max=51,
+                    tooltip="H.264 quality: lower is "
+                    "better and larger (18 looks lossless, 23 is ffmpeg's default, 0 is lossless).",
                 ),
-                "filename_prefix": (
-                    "STRING",
-                    {
-                        "default": DEFAULT_PREFIX,
-                        "tooltip": "Name of the file inside "
-                        "ComfyUI's output folder; sub-folders allowed ('video/KeyFace' -> "
-                        "output/video/KeyFace_00001_.mp4). Paths leaving the output folder are refused.",
-                    },
+                io.String.Input(
+                    "filename_prefix",
+                    default=DEFAULT_PREFIX,
+                    tooltip="Name of the file inside "
+                    "ComfyUI's output folder; sub-folders allowed ('video/KeyFace' -> "
+                    "output/video/KeyFace_00001_.mp4). Paths leaving the output folder are refused.",
                 ),
-            },
-            "optional": {
-                "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator (streamed)."}),
-                "images": ("IMAGE", {"tooltip": "Or any IMAGE batch (frames), written at fps."}),
-                "audio": (
-                    "AUDIO",
-                    {
-                        "tooltip": "Sound track. Default: the KeyFace video's own audio; none for an "
-                        "IMAGE batch. Cut or padded with silence to the video's length."
-                    },
+                VIDEO.Input("video", optional=True, tooltip="The video from KeyFace Keyframe Interpolator (streamed)."),
+                io.Image.Input("images", optional=True, tooltip="Or any IMAGE batch (frames), written at fps."),
+                io.Audio.Input(
+                    "audio",
+                    optional=True,
+                    tooltip="Sound track. Default: the KeyFace video's own audio; none for an "
+                    "IMAGE batch. Cut or padded with silence to the video's length.",
                 ),
-                "upscale_model": (
-                    "UPSCALE_MODEL",
-                    {
-                        "tooltip": "Optional upscale model (Load Upscale Model) run on "
-                        "every frame while writing, before paste-back."
-                    },
+                io.UpscaleModel.Input(
+                    "upscale_model",
+                    optional=True,
+                    tooltip="Optional upscale model (Load Upscale Model) run on "
+                    "every frame while writing, before paste-back.",
                 ),
-                "crop": (
-                    CROP,
-                    {
-                        "tooltip": "Crop info from KeyFace Crop Face: paste each frame back into the full "
-                        "original picture while writing."
-                    },
+                CROP.Input(
+                    "crop",
+                    optional=True,
+                    tooltip="Crop info from KeyFace Crop Face: paste each frame back into the full "
+                    "original picture while writing.",
                 ),
-            },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
+            ],
+            outputs=[
+                io.Video.Output(
+                    "core_video",  # "video" is the input's id; ids are unique across inputs and outputs
+                    display_name="video",
+                    tooltip="The written mp4 (audio muxed) as a core VIDEO, for Save Video, Get Video Components "
+                    "and other video nodes.",
+                )
+            ],
+            is_output_node=True,  # also asks for the hidden prompt and extra_pnginfo (the workflow)
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, fps=None, crf=None, filename_prefix=None, video=_NOT_CONNECTED):
+    def validate_inputs(cls, fps=None, crf=None, filename_prefix=None, video=_NOT_CONNECTED):
         """Refuse the prompt before anything runs: fps and crf out of range, a filename prefix leaving the output
         folder, a KeyFace video at another rate than 25 fps. Linked values arrive as None and are checked when
         the node runs."""
@@ -151,24 +148,13 @@ class KeyFaceVideoCombine:
             problem = _frame_rate_problem(fps)
         return problem or True
 
+    @classmethod
     @node_function()
-    def combine(
-        self,
-        fps,
-        crf,
-        filename_prefix,
-        video=None,
-        images=None,
-        audio=None,
-        upscale_model=None,
-        crop=None,
-        prompt=None,
-        extra_pnginfo=None,
-    ):
+    def execute(cls, fps, crf, filename_prefix, video=None, images=None, audio=None, upscale_model=None, crop=None):
         from keyface.audio.io import AudioClip
         from keyface.video import AudioTrack, MapSink, Mp4Writer, to_uint8
 
-        check_widgets(type(self), {"fps": fps, "crf": crf})
+        check_widgets(cls, {"fps": fps, "crf": crf})
         if (video is None) == (images is None):
             raise InputError("video / images: connect exactly one of them (a KeyFace video or an IMAGE batch)")
         if images is not None and (getattr(images, "ndim", 0) != 4 or images.shape[0] == 0):
@@ -186,7 +172,7 @@ class KeyFaceVideoCombine:
         elif video is not None:
             track = AudioTrack.muxable(video.clip.waveform, video.clip.sample_rate)
         path, subfolder = host.save_path(filename_prefix, size[1], size[0], ".mp4")
-        metadata = _workflow_metadata(prompt, extra_pnginfo)
+        metadata = _workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)
         writer = Mp4Writer(path, fps=fps, audio=track, crf=crf, metadata=metadata)
         sink = writer
         if crop is not None:
@@ -206,8 +192,8 @@ class KeyFaceVideoCombine:
         logger.info("KeyFace: wrote %s (%d frames)", path, writer.frames_written)
         if video is not None:
             video_written(video)
-        result = {"filename": path.name, "subfolder": subfolder, "type": "output"}
-        return {"ui": {"images": [result], "animated": (True,)}}
+        saved = ui.SavedResult(path.name, subfolder, io.FolderType.output)
+        return io.NodeOutput(InputImpl.VideoFromFile(str(path)), ui=ui.PreviewVideo([saved]))
 
 
 class _Upscaler:
@@ -231,42 +217,38 @@ def _workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     return metadata
 
 
-class KeyFaceVideoToImages:
-    DESCRIPTION = (
-        "Decodes a range of a KeyFace video into an IMAGE batch (and the matching audio), so any image node can "
-        "follow: face restorers, upscalers, core Create Video / Save Video. Mind the memory: 1 minute at 512 px "
-        "is about 4.7 GB of frames; take the video in ranges or use Video Combine for long videos."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "to_images"
-    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
-    RETURN_NAMES = ("images", "audio", "fps")
-    OUTPUT_TOOLTIPS = (
-        "Frames start .. start + count - 1, float RGB.",
-        "The audio of those frames.",
-        "The frame rate (25).",
-    )
+class KeyFaceVideoToImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KeyFaceVideoToImages",
+            display_name="KeyFace Video to Images",
+            category=CATEGORY,
+            description=(
+                "Decodes a range of a KeyFace video into an IMAGE batch (and the matching audio), so any image node "
+                "can follow: face restorers, upscalers, core Create Video / Save Video. Mind the memory: 1 minute at "
+                "512 px is about 4.7 GB of frames; take the video in ranges or use Video Combine for long videos."
+            ),
+            inputs=[
+                VIDEO.Input("video", tooltip="The video from KeyFace Keyframe Interpolator."),
+                io.Int.Input("start", default=0, min=0, max=10**8, tooltip="First frame (25 per second)."),
+                io.Int.Input("count", default=0, min=0, max=10**8, tooltip="Number of frames; 0 = to the end."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="Frames start .. start + count - 1, float RGB."),
+                io.Audio.Output(display_name="audio", tooltip="The audio of those frames."),
+                io.Float.Output(display_name="fps", tooltip="The frame rate (25)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "video": (VIDEO, {"tooltip": "The video from KeyFace Keyframe Interpolator."}),
-                "start": ("INT", {"default": 0, "min": 0, "max": 10**8, "tooltip": "First frame (25 per second)."}),
-                "count": (
-                    "INT",
-                    {"default": 0, "min": 0, "max": 10**8, "tooltip": "Number of frames; 0 = to the end."},
-                ),
-            }
-        }
-
     @node_function()
-    def to_images(self, video, start=0, count=0):
+    def execute(cls, video, start=0, count=0):
         import torch
 
         from keyface.media import samples_for_frames
 
-        check_widgets(type(self), {"start": start, "count": count})
+        check_widgets(cls, {"start": start, "count": count})
         _check_video(video)
         if start >= video.num_frames:
             raise InputError(f"start: frame {start} is past the video's end ({video.num_frames} frames)")
@@ -278,4 +260,4 @@ class KeyFaceVideoToImages:
         first, last = (samples_for_frames(frame, clip.sample_rate, video.fps) for frame in (start, stop))
         waveform = clip.waveform[:, first:last]
         audio = {"waveform": waveform[None].contiguous(), "sample_rate": clip.sample_rate}
-        return (images_from_pixels(frames), audio, float(video.fps))
+        return io.NodeOutput(images_from_pixels(frames), audio, float(video.fps))

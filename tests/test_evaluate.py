@@ -347,22 +347,27 @@ def test_cli_writes_report_json_and_png(portrait, mouth, eval_weights, tmp_path)
 @needs_detector
 def test_node_measures_images_and_audio(portrait, mouth, eval_weights, tmp_path):
     _needs_matplotlib()
+    from helpers import execute_node
+
     from nodes import NODE_CLASS_MAPPINGS, host
 
+    node = NODE_CLASS_MAPPINGS["KeyFaceEvaluate"]
     levels, waveform = _speech_like(50)
     images = torch.from_numpy(np.stack([_with_mouth(portrait, mouth, v) for v in levels])).float() / 255
     audio = {"waveform": torch.from_numpy(waveform)[None, None], "sample_rate": ENCODER_SAMPLE_RATE}
     (tmp_path / "eval").symlink_to(eval_weights)
     host.configure(models=tmp_path)
     try:
-        plot, text = NODE_CLASS_MAPPINGS["KeyFaceEvaluate"]().evaluate("", 5, images, audio, images[:1])
+        plot, text = execute_node(
+            node, video_path="", detect_every=5, images=images, audio=audio, reference_image=images[:1]
+        ).result
     finally:
         host.configure(models=None)
     data = json.loads(text)
     assert plot.shape[0] == 1 and plot.shape[3] == 3 and plot.dtype == torch.float32
     assert data["frames"] == 50 and 0.5 < data["identity"]["mean"] <= 1 and data["syncnet"] is not None
     with pytest.raises(KeyFaceError, match="video_path: give a video file"):
-        NODE_CLASS_MAPPINGS["KeyFaceEvaluate"]().evaluate("", 5)
+        execute_node(node, video_path="", detect_every=5)
 
 
 @needs_detector

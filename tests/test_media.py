@@ -104,23 +104,28 @@ def test_clip_cut_uses_the_rule_and_names_a_start_past_the_end():
 
 
 def test_video_combine_reads_its_audio_input_with_the_one_parser(tmp_path):
+    from helpers import execute_node
+
     from nodes import host
     from nodes.video import KeyFaceVideoCombine
 
     images = torch.zeros(3, 8, 8, 3)
-    node = KeyFaceVideoCombine()
+
+    def combine(fps, crf, prefix, **inputs):
+        return execute_node(KeyFaceVideoCombine, fps=fps, crf=crf, filename_prefix=prefix, **inputs)
+
     with pytest.raises(InputError, match="^audio: AUDIO holds a batch of 2 clips"):
-        node.combine(25.0, 18, "x", images=images, audio={"waveform": torch.zeros(2, 1, 99), "sample_rate": 16000})
+        combine(25.0, 18, "x", images=images, audio={"waveform": torch.zeros(2, 1, 99), "sample_rate": 16000})
     with pytest.raises(InputError, match="^audio: the audio contains NaN"):
-        node.combine(25.0, 18, "x", images=images, audio={"waveform": torch.full((1, 1, 9), np.inf), "sample_rate": 8})
+        combine(25.0, 18, "x", images=images, audio={"waveform": torch.full((1, 1, 9), np.inf), "sample_rate": 8})
     host.configure(output=tmp_path)
     try:
-        result = node.combine(
+        result = combine(
             25.0, 18, "clip", images=images, audio={"waveform": torch.zeros(1, 2, 5), "sample_rate": 16_000}
         )
     finally:
         host.configure(output=None)
-    info = probe_media(tmp_path / result["ui"]["images"][0]["filename"])
+    info = probe_media(tmp_path / result.ui.as_dict()["images"][0]["filename"])
     assert info.video.num_frames == 3 and info.audio.channels == 2
     assert info.audio.duration == pytest.approx(3 / 25, abs=1e-9)
 

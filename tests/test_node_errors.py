@@ -16,6 +16,7 @@ import warnings
 import pytest
 import test_nodes
 import torch
+from helpers import validate_inputs_of
 from test_nodes import NODES, SPEECH_FILE, host, run
 
 from keyface.errors import CheckpointError, InputError, KeyFaceError, MissingWeightsError
@@ -117,7 +118,8 @@ def test_a_long_emotion_curve_and_a_long_choice_list_stay_short():
     class Node:
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"keyframe": ([f"stage_{i:03d}.safetensors" for i in range(300)], {})}}
+            choices = [f"stage_{i:03d}.safetensors" for i in range(300)]
+            return {"required": {"keyframe": ("COMBO", {"options": choices})}}  # a V3 combo's classic view
 
     with pytest.raises(InputError) as raised:
         common.check_widgets(Node, {"keyframe": "missing.safetensors"})
@@ -267,10 +269,10 @@ def test_the_missing_weights_error_stays_short(tmp_path, workspace):
 
 
 def test_video_combine_refuses_bad_widgets_while_comfyui_validates():
-    """ComfyUI skips its own range check for each input VALIDATE_INPUTS names, passes linked inputs as None and
+    """ComfyUI skips its own range check for each input validate_inputs names, passes linked inputs as None and
     leaves unconnected ones out: the node checks fps, crf and the prefix itself, and the frame rate of a
     connected KeyFace video."""
-    validate = NODES["KeyFaceVideoCombine"].VALIDATE_INPUTS
+    validate = validate_inputs_of(NODES["KeyFaceVideoCombine"])
     assert validate(fps=25.0, crf=18, filename_prefix="video/KeyFace") is True
     assert validate(fps=None, crf=None, filename_prefix=None, video=None) is True  # all linked: checked at run time
     assert validate(fps=12.0, crf=18, filename_prefix="x") is True  # an IMAGE batch may use any rate
@@ -282,15 +284,15 @@ def test_video_combine_refuses_bad_widgets_while_comfyui_validates():
 
 @pytest.mark.parametrize("node_id", sorted(NODES))
 def test_every_validate_inputs_checks_the_ranges_comfyui_then_skips(node_id, workspace):
-    """Each widget a VALIDATE_INPUTS names loses ComfyUI's own min/max check: the node's must refuse past-max
+    """Each widget a validate_inputs names loses ComfyUI's own min/max check: the node's must refuse past-max
     values with the same limits as INPUT_TYPES."""
     node = NODES[node_id]
-    validate = getattr(node, "VALIDATE_INPUTS", None)
+    validate = validate_inputs_of(node)
     if validate is None:
         return
     names = validate.__code__.co_varnames[1 : validate.__code__.co_argcount]
     spec = {**node.INPUT_TYPES()["required"], **node.INPUT_TYPES().get("optional", {})}
-    assert set(names) <= set(spec), f"{node_id}.VALIDATE_INPUTS names a parameter that is no input"
+    assert set(names) <= set(spec), f"{node_id}.validate_inputs names a parameter that is no input"
     defaults = {name: spec[name][1].get("default") for name in names if "default" in spec[name][1]}
     for name in names:
         kind, options = spec[name][0], spec[name][1]

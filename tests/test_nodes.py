@@ -19,8 +19,9 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from comfy_api.v0_0_2 import io
 from helpers import NODE_PACK_NAME as PACK_NAME
-from helpers import load_node_pack
+from helpers import execute_node, load_node_pack
 
 from keyface.errors import (
     CheckpointError,
@@ -561,15 +562,20 @@ def widget_defaults(node_class) -> dict:
             options = rest[0] if rest else {}
             if "default" in options:
                 values[name] = options["default"]
-            elif isinstance(kind, list) and kind:
-                values[name] = kind[0]
+            elif kind == "COMBO" and options.get("options"):
+                values[name] = options["options"][0]
     return values
 
 
-def run(node_id: str, **inputs):
-    """Execute a node like ComfyUI: an instance's FUNCTION with the widget defaults overridden by ``inputs``."""
+def run(node_id: str, hidden: dict | None = None, **inputs):
+    """Execute a node like ComfyUI (:func:`helpers.execute_node`, ``hidden``: ``{io.Hidden: value}``) with the widget
+    defaults overridden by ``inputs``: its output values, or for a node with a UI output
+    ``{"ui": <what the frontend gets>, "result": values}``."""
     node_class = NODES[node_id]
-    return getattr(node_class(), node_class.FUNCTION)(**{**widget_defaults(node_class), **inputs})
+    output = execute_node(node_class, hidden, **{**widget_defaults(node_class), **inputs})
+    if output.ui is not None:
+        return {"ui": output.ui.as_dict(), "result": output.result}
+    return output.result
 
 
 class RecordingBar:
@@ -681,7 +687,9 @@ def test_pack_import_is_cheap():
         "print(len(module.NODE_CLASS_MAPPINGS), module.WEB_DIRECTORY,"
         " sorted(m for m in ('torch', 'diffusers', 'transformers', 'av', 'cv2', 'numpy') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    # the subprocess finds comfy_api where this session does (ComfyUI's, or the test stand-in)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*sys.path, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True, env=env)
     assert result.stdout.split() == [str(len(NODES)), "./web", "[]"]
 
 
@@ -699,7 +707,7 @@ def test_node_ids_are_prefixed_and_never_core_ids():
 
 @pytest.mark.parametrize("node_id", sorted(NODES))
 def test_node_contract_and_documentation(node_id, tmp_path):
-    """The classic node contract, a tooltip on every input, a description and a doc page naming every
+    """The node contract (V3, with the classic attributes ComfyUI derives from the schema), a tooltip on every input, a description and a doc page naming every
     input and output."""
     host.configure(models=tmp_path, input=tmp_path, output=tmp_path)
     try:
@@ -735,7 +743,10 @@ def test_missing_weights_are_reported_in_one_message_with_folder_and_source(tmp_
     with pytest.raises(MissingWeightsError) as raised:
         run("KeyFaceModelLoader")
     # release names are offered even when absent, so shared workflows pass ComfyUI's list check
-    assert spec["keyframe"][1]["default"] == "keyframe.safetensors" and "keyframe.safetensors" in spec["keyframe"][0]
+    assert (
+        spec["keyframe"][1]["default"] == "keyframe.safetensors"
+        and "keyframe.safetensors" in spec["keyframe"][1]["options"]
+    )
     message = str(raised.value)
     assert "\n" not in message and len(message) < 1024  # one short paragraph, not one per file
     assert message.startswith(
@@ -775,10 +786,10 @@ def test_loader_finds_the_release_layout_and_reuses_loaded_models(model):
     cache key is the same on any machine (``auto`` means bf16 on CUDA) and whatever ran before."""
     loader = NODES["KeyFaceModelLoader"]
     spec = loader.INPUT_TYPES()["required"]
-    assert {"keyframe.safetensors", "interpolation.safetensors"} <= set(spec["keyframe"][0])
-    assert spec["autoguidance"][0][0] == "none"
+    assert {"keyframe.safetensors", "interpolation.safetensors"} <= set(spec["keyframe"][1]["options"])
+    assert spec["autoguidance"][1]["options"][0] == "none"
     assert spec["autoguidance"][1]["default"] == "interpolation_bad.safetensors"
-    assert spec["vae"][0] == ["vae"] and spec["wav2vec2"][1]["default"] == "wav2vec2-base-960h"
+    assert spec["vae"][1]["options"] == ["vae"] and spec["wav2vec2"][1]["default"] == "wav2vec2-base-960h"
     assert model.models.image_size > 0 and model.device.type == "cpu" and not model.offloads
     (first,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
     (again,) = run("KeyFaceModelLoader", device="cpu", precision="fp32")
@@ -829,9 +840,9 @@ def test_load_audio_takes_any_audio_input_and_trims_it(model):
 
 def test_load_audio_validation(model, workspace):
     node = NODES["KeyFaceLoadAudio"]
-    assert node.VALIDATE_INPUTS(audio=SPEECH_FILE) is True
-    assert node.VALIDATE_INPUTS(audio="missing.wav").startswith("audio: file 'missing.wav' not found")
-    assert node.VALIDATE_INPUTS(audio="missing.wav", audio_input=None) is True  # a connected input wins
+    assert node.validate_inputs(audio=SPEECH_FILE) is True
+    assert node.validate_inputs(audio="missing.wav").startswith("audio: file 'missing.wav' not found")
+    assert node.validate_inputs(audio="missing.wav", audio_input=None) is True  # a connected input wins
     empty = {"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}
     with pytest.raises(InputError, match="^audio_input: the audio is empty"):
         run("KeyFaceLoadAudio", model=model, audio_input=empty)
@@ -850,10 +861,10 @@ def test_load_audio_is_changed_follows_the_file(workspace):
     node = NODES["KeyFaceLoadAudio"]
     path = workspace["input"] / "changing.wav"
     write_speech(path, 0.3)
-    before = node.IS_CHANGED(audio="changing.wav", model=None, start_seconds=0.0, duration_seconds=0.0)
+    before = node.fingerprint_inputs(audio="changing.wav", model=None, start_seconds=0.0, duration_seconds=0.0)
     write_speech(path, 0.4)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    assert node.IS_CHANGED(audio="changing.wav") != before != ""
+    assert node.fingerprint_inputs(audio="changing.wav") != before != ""
 
 
 # --------------------------------------------------------------------------------------------- emotion
@@ -863,7 +874,7 @@ def test_emotion_curve_accepts_names_timed_lists_and_json():
     node = NODES["KeyFaceEmotionCurve"]
     curve_json = json.dumps({"format": "keyface-emotion-v1", "valence": [[0, 0], [2, 0.8]], "arousal": [[0, 0.1]]})
     for text in ("happy", "neutral at 0 s, sad at 2 s", curve_json):
-        assert node.VALIDATE_INPUTS(emotion=text) is True
+        assert node.validate_inputs(emotion=text) is True
     (curve,) = run("KeyFaceEmotionCurve", emotion=curve_json, duration=2.0)
     valence, arousal = curve.per_frame(51)
     assert valence[0] == 0 and valence[25] == pytest.approx(0.4) and valence[50] == pytest.approx(0.8)
@@ -880,7 +891,7 @@ def test_emotion_curve_accepts_names_timed_lists_and_json():
     ],
 )
 def test_bad_emotion_text_is_flagged_before_any_work(text, expected):
-    message = NODES["KeyFaceEmotionCurve"].VALIDATE_INPUTS(emotion=text)
+    message = NODES["KeyFaceEmotionCurve"].validate_inputs(emotion=text)
     assert message.startswith("emotion") and expected in message
     with pytest.raises(InputError, match="^emotion"):
         run("KeyFaceEmotionCurve", emotion=text)
@@ -1021,8 +1032,10 @@ def test_video_combine_streams_an_mp4_with_audio_and_the_workflow(chain, workspa
         "KeyFaceVideoCombine",
         video=chain.video,
         filename_prefix="keyface/test",
-        prompt={"1": {"class_type": "KeyFaceVideoCombine"}},
-        extra_pnginfo={"workflow": workflow},
+        hidden={
+            io.Hidden.prompt: {"1": {"class_type": "KeyFaceVideoCombine"}},
+            io.Hidden.extra_pnginfo: {"workflow": workflow},
+        },
     )
     (shown,) = result["ui"]["images"]
     assert result["ui"]["animated"] == (True,) and shown["type"] == "output" and shown["subfolder"] == "keyface"
@@ -1078,7 +1091,7 @@ def test_video_combine_writes_any_image_batch(workspace):
 @pytest.mark.parametrize("prefix", ["../escaped", "/tmp/escaped", "video/../../escaped", ""])
 def test_video_combine_never_writes_outside_the_output_folder(prefix, workspace):
     before = output_files(workspace)
-    message = NODES["KeyFaceVideoCombine"].VALIDATE_INPUTS(filename_prefix=prefix)
+    message = NODES["KeyFaceVideoCombine"].validate_inputs(filename_prefix=prefix)
     assert message.startswith("filename_prefix")
     with pytest.raises(InputError, match="^filename_prefix"):
         run("KeyFaceVideoCombine", images=torch.rand(2, 8, 8, 3), filename_prefix=prefix)

@@ -25,6 +25,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import execute_node
 
 from keyface.demo import draw_portrait
 
@@ -171,13 +172,13 @@ def test_video_combine_upscales_through_comfyui(comfy_upscale_node, host, node_p
     model = UpscaleModel()
     host.configure(output=tmp_path)
     try:
-        combine = node_pack.NODE_CLASS_MAPPINGS["KeyFaceVideoCombine"]()
-        result = combine.combine(
-            fps=25.0, crf=0, filename_prefix="upscaled/KeyFace", images=images, upscale_model=model
+        combine = node_pack.NODE_CLASS_MAPPINGS["KeyFaceVideoCombine"]
+        output = execute_node(
+            combine, fps=25.0, crf=0, filename_prefix="upscaled/KeyFace", images=images, upscale_model=model
         )
     finally:
         host.configure(output=None)
-    (shown,) = result["ui"]["images"]
+    (shown,) = output.ui.as_dict()["images"]
     written = decoded_frames(tmp_path / shown["subfolder"] / shown["filename"])
     assert written.shape == (FRAMES, SIDE * SCALE, SIDE * SCALE, 3)
     assert comfy_upscale_node == [(1, SIDE, SIDE, 3)] * FRAMES  # one frame at a time, through the ComfyUI node
