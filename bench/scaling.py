@@ -47,23 +47,14 @@ def emit(metric: str, value: float) -> None:
     print(json.dumps({"metric": metric, "value": round(value, 6)}), flush=True)
 
 
-def timed_run(models, conditioning, settings, folder: Path, backend=None) -> tuple[float, float]:
-    """Wall seconds of one job, and of its interpolation stage (from the first to the last segment event)."""
+def timed_run(models, conditioning, settings, folder: Path, backend=None) -> float:
+    """Wall seconds of one job into a frame list."""
     from keyface.pipeline import TalkingHeadJob
-    from keyface.progress import INTERPOLATION
     from keyface.video import FrameListSink
 
-    stamps = []
-
-    def on_event(event):
-        if event.stage == INTERPOLATION:
-            stamps.append(time.perf_counter())
-
     started = time.perf_counter()
-    job = TalkingHeadJob(models, conditioning, settings, job_folder=folder, backend=backend, progress=on_event)
-    job.run(FrameListSink())
-    wall = time.perf_counter() - started
-    return wall, (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    TalkingHeadJob(models, conditioning, settings, job_folder=folder, backend=backend).run(FrameListSink())
+    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     segments = len(schedule.segments)
 
     timed_run(models, random_conditioning(models, 14), settings, work / "warm-up")  # first-call costs
-    local_wall, _ = timed_run(models, conditioning, settings, work / "local")
-    reread_wall, _ = timed_run(models, conditioning, settings, work / "local")
+    local_wall = timed_run(models, conditioning, settings, work / "local")
+    reread_wall = timed_run(models, conditioning, settings, work / "local")
     compute = (local_wall - reread_wall) / tasks  # network time per task (segment or keyframe batch)
     decode = reread_wall / segments
     emit("local_s_per_task", compute)
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("local", 1, local_wall, 0.0)]
 
     def measure(name: str, workers: int, backend) -> float:
-        wall, _ = timed_run(models, conditioning, settings, work / f"{name}{workers}", backend)
+        wall = timed_run(models, conditioning, settings, work / f"{name}{workers}", backend)
         overhead = (wall - local_wall) / tasks if workers == 1 else float("nan")
         rows.append((name, workers, wall, overhead))
         emit(f"{name}_{workers}w_wall_s", wall)
