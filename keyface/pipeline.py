@@ -650,7 +650,7 @@ class _Fanout:
     def __init__(self, job: TalkingHeadJob, segments: Iterable[int] = (), batches: Iterable[int] = ()):
         self.job = job
         job.backend.prepare(job.models)
-        frames = job.schedule.frames_per_clip
+        frames, batches = job.schedule.frames_per_clip, list(batches)
         units: list[tuple[str, int]] = [("batch", b) for b in batches]
         seen_batches, self.groups = set(batches), {}
         for k in segments:

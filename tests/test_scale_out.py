@@ -26,7 +26,8 @@ from keyface.schedule import ALIGNED, REFERENCE
 from keyface.scheduling import DevicesBackend, LocalBackend, import_ray, make_backend
 from keyface.video import FrameListSink
 
-FRAMES = 40  # one keyframe batch, three segments
+FRAMES = 27  # one keyframe batch, two segments
+FAULT_FRAMES = 40  # three segments: one is still to run when the first finishes
 SETTINGS = GenerationSettings(num_steps=10, segments_per_call=1)
 
 
@@ -34,24 +35,27 @@ SETTINGS = GenerationSettings(num_steps=10, segments_per_call=1)
 def setup(demo_models):
     files = find_model_files(demo_models)
     models = load_models(files)
-    return files, models, random_conditioning(models, FRAMES)
+    return files, models
 
 
-_references: dict[str, np.ndarray] = {}
+_references: dict[tuple[str, int], np.ndarray] = {}
 
 
-def run_job(setup, folder: Path, schedule: str = ALIGNED, backend=None, **job_options) -> np.ndarray:
-    _, models, conditioning = setup
+def run_job(
+    setup, folder: Path, schedule: str = ALIGNED, backend=None, frames: int = FRAMES, **job_options
+) -> np.ndarray:
+    _, models = setup
+    conditioning = random_conditioning(models, frames)
     sink = FrameListSink()
     settings = GenerationSettings(num_steps=SETTINGS.num_steps, segments_per_call=1, schedule=schedule)
     TalkingHeadJob(models, conditioning, settings, job_folder=folder, backend=backend, **job_options).run(sink)
     return sink.stack()
 
 
-def local_frames(setup, tmp_path, schedule: str) -> np.ndarray:
-    if schedule not in _references:
-        _references[schedule] = run_job(setup, tmp_path / f"local-{schedule}", schedule)
-    return _references[schedule]
+def local_frames(setup, tmp_path, schedule: str, frames: int = FRAMES) -> np.ndarray:
+    if (schedule, frames) not in _references:
+        _references[schedule, frames] = run_job(setup, tmp_path / f"local-{schedule}", schedule, frames=frames)
+    return _references[schedule, frames]
 
 
 @pytest.mark.parametrize("schedule", [ALIGNED, REFERENCE])
@@ -61,7 +65,7 @@ def test_devices_backend_gives_the_local_frames(setup, tmp_path, schedule):
         frames = run_job(setup, tmp_path / "devices", schedule, backend)
     assert frames.shape == expected.shape and len(frames) == FRAMES
     assert np.array_equal(frames, expected)
-    assert len(list((tmp_path / "devices").glob("segments-*/segment_*.safetensors"))) == 3
+    assert len(list((tmp_path / "devices").glob("segments-*/segment_*.safetensors"))) == 2
 
 
 def test_cancel_from_the_progress_callback_stops_the_devices_run(setup, tmp_path):
@@ -70,7 +74,8 @@ def test_cancel_from_the_progress_callback_stops_the_devices_run(setup, tmp_path
             raise Interrupted("cancelled by the test")
 
     sink = FrameListSink()
-    _, models, conditioning = setup
+    _, models = setup
+    conditioning = random_conditioning(models, FRAMES)
     with DevicesBackend(["cpu", "cpu"]) as backend, pytest.raises(Interrupted):
         TalkingHeadJob(models, conditioning, SETTINGS, job_folder=tmp_path, backend=backend, progress=cancel).run(sink)
     assert sink.closed and not sink.frames
@@ -88,20 +93,20 @@ from keyface.video import FrameListSink
 
 models = load_models(find_model_files({models!r}))
 settings = GenerationSettings(num_steps={steps}, segments_per_call=1)
-with DevicesBackend("cpu,cpu") as backend:
+with DevicesBackend("cpu") as backend:  # one worker: segments finish one by one
     TalkingHeadJob(models, random_conditioning(models, {frames}), settings, job_folder={folder!r},
                    backend=backend).run(FrameListSink())
 """
 
 
 def test_resume_after_the_driver_is_killed_gives_the_same_frames(setup, demo_models, tmp_path):
-    expected = local_frames(setup, tmp_path, ALIGNED)
+    expected = local_frames(setup, tmp_path, ALIGNED, FAULT_FRAMES)
     folder = tmp_path / "killed"
     script = _DRIVER.format(
         tests=str(REPO_ROOT / "tests"),
         models=str(demo_models),
         steps=SETTINGS.num_steps,
-        frames=FRAMES,
+        frames=FAULT_FRAMES,
         folder=str(folder),
     )
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -118,7 +123,7 @@ def test_resume_after_the_driver_is_killed_gives_the_same_frames(setup, demo_mod
     finished = len(list(folder.glob("segments-*/segment_*.safetensors")))
     assert 1 <= finished < 3, f"{finished} of 3 segments finished before the kill"
     with DevicesBackend("cpu,cpu") as backend:
-        assert np.array_equal(run_job(setup, folder, ALIGNED, backend), expected)
+        assert np.array_equal(run_job(setup, folder, ALIGNED, backend, FAULT_FRAMES), expected)
 
 
 def test_the_local_backend_is_the_default_and_has_no_submit():
@@ -166,8 +171,9 @@ def test_ray_backend_gives_the_local_frames(setup, ray_backend, tmp_path, schedu
 
 
 def test_a_killed_ray_worker_has_its_tasks_run_again(setup, ray_backend, tmp_path):
-    expected = local_frames(setup, tmp_path, ALIGNED)
+    expected = local_frames(setup, tmp_path, ALIGNED, FAULT_FRAMES)
     pids = ray_backend.worker_pids()
+    killed = list(pids)
     before = ray_backend.resubmitted
 
     def kill_workers(event):
@@ -176,10 +182,10 @@ def test_a_killed_ray_worker_has_its_tasks_run_again(setup, ray_backend, tmp_pat
                 os.kill(pid, signal.SIGKILL)
             pids.clear()
 
-    frames = run_job(setup, tmp_path / "fault", ALIGNED, ray_backend, progress=kill_workers)
+    frames = run_job(setup, tmp_path / "fault", ALIGNED, ray_backend, FAULT_FRAMES, progress=kill_workers)
     assert not pids and ray_backend.resubmitted > before
-    assert len(frames) == FRAMES and np.array_equal(frames, expected)
-    assert set(ray_backend.worker_pids()).isdisjoint(pids)
+    assert len(frames) == FAULT_FRAMES and np.array_equal(frames, expected)
+    assert set(ray_backend.worker_pids()).isdisjoint(killed)  # replacements serve on
 
 
 class _BadSegmentNoise(SeededNoise):
@@ -191,7 +197,8 @@ class _BadSegmentNoise(SeededNoise):
 
 
 def test_a_task_input_error_fails_the_job_with_the_original_message(setup, ray_backend, tmp_path):
-    _, models, conditioning = setup
+    _, models = setup
+    conditioning = random_conditioning(models, FRAMES)
     noise = _BadSegmentNoise(
         TalkingHeadJob(models, conditioning, SETTINGS, job_folder=tmp_path / "p").schedule, models.latent_shape
     )
