@@ -408,6 +408,9 @@ class RayBackend(Backend):
 
     def _replace(self, actor, task: Task, future: Future, error: BaseException) -> None:
         """``actor`` died running ``task``: start another actor and run the task again first."""
+        if self._closed:  # killed by close()
+            future.cancel()
+            return
         logger.warning("a Ray worker died running %s (%s); running it again on another worker", task.label, error)
         replacement = self._start_actor()
         with self._lock:
