@@ -120,6 +120,20 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-job", action="store_true", help="keep the job folder after success")
 
 
+def _add_scale_out_options(parser: argparse.ArgumentParser) -> None:
+    """``generate``'s flags for running on several devices or a Ray cluster (keyface.scheduling)."""
+    scale = parser.add_argument_group("several GPUs or machines (README: 'Several GPUs and Ray clusters')")
+    scale.add_argument(
+        "--devices", default=None, help="one model copy per listed device in this process, e.g. cuda:0,cuda:1"
+    )
+    scale.add_argument(
+        "--workers", type=int, default=None, help="Ray workers (a local Ray cluster unless --ray-address); needs [ray]"
+    )
+    scale.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (e.g. auto, or ray://head:10001); needs [ray]"
+    )
+
+
 def _segments_per_call(value: str) -> int | None:
     """``--segments-per-call``: ``auto`` (None) or an integer >= 1."""
     if value == "auto":
@@ -149,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KeyFace models folder (default models/keyface; see README 'Weights')",
     )
     _add_generation_options(generate)
+    _add_scale_out_options(generate)
 
     plan = commands.add_parser(
         "plan", help="frames, network calls, memory per step and disk use of a generation, without weights"

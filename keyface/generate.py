@@ -75,6 +75,9 @@ class GenerationRequest:
     fps: float = VIDEO_FPS
     job_dir: Path | None = None
     keep_job: bool = False
+    devices: str | None = None  # "cuda:0,cuda:1": one model copy per device in this process (DevicesBackend)
+    ray_address: str | None = None  # join this Ray cluster (RayBackend)
+    workers: int | None = None  # Ray actors (a local Ray cluster without ray_address); None: one per GPU
 
 
 def generate_video(request: GenerationRequest, progress: ProgressCallback | None = None) -> Path:
@@ -91,6 +94,7 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
     from .face import PasteBack, crop_face, parse_crop
     from .identity import load_identity_image
     from .loading import find_model_files, load_models, resolve_device, resolve_dtype
+    from .scheduling import make_backend
     from .video import MapSink, Mp4Writer, StreamedAudioTrack
 
     settings = request.settings
@@ -132,9 +136,17 @@ def generate_video(request: GenerationRequest, progress: ProgressCallback | None
             if request.job_dir is not None
             else out.parent / f".{out.name}.keyface-job"
         )
-        job = TalkingHeadJob(models, conditioning, settings, job_folder=folder, progress=progress)
-        sink = MapSink(PasteBack(picture, face.info), writer) if request.paste_back else writer
-        job.run(sink)
+        backend = make_backend(
+            devices=request.devices,
+            ray_address=request.ray_address,
+            workers=request.workers,
+            files=files,
+            precision=request.precision,
+        )
+        with backend:
+            job = TalkingHeadJob(models, conditioning, settings, job_folder=folder, progress=progress, backend=backend)
+            sink = MapSink(PasteBack(picture, face.info), writer) if request.paste_back else writer
+            job.run(sink)
     if not request.keep_job:
         job.folder.remove()
     return out
@@ -182,7 +194,13 @@ CLI_FLAGS = {
     "segments_per_call": "--segments-per-call",
 }
 # ... and the GenerationRequest fields whose checks name them.
-REQUEST_FLAGS = {"emotion": "--emotion", "face_index": "--face-index", "crf": "--crf"}
+REQUEST_FLAGS = {
+    "emotion": "--emotion",
+    "face_index": "--face-index",
+    "crf": "--crf",
+    "devices": "--devices",
+    "workers": "--workers",
+}
 
 
 def settings_from_arguments(args) -> GenerationSettings:
@@ -215,6 +233,9 @@ def generate_from_files(args) -> Path:
         fps=args.fps,
         job_dir=args.job_dir,
         keep_job=args.keep_job,
+        devices=args.devices,
+        ray_address=args.ray_address,
+        workers=args.workers,
     )
     try:
         with terminal_progress_bar() as on_event:

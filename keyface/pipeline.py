@@ -25,8 +25,9 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +46,9 @@ from .sampling import (
     KEYFRAME_AUDIO_SCALE,
     KEYFRAME_IDENTITY_SCALE,
     ays_sigmas,
-    sample_keyframes,
-    sample_segments,
 )
 from .schedule import ALIGNED, SCHEDULE_MODES, Schedule, SlotRole, plan_schedule
+from .scheduling import Backend, KeyframeTask, LocalBackend, SegmentTask, run_task
 from .video import FrameSink, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,10 @@ class TalkingHeadJob:
         progress: called with a :class:`ProgressEvent` after every sampler step and output frame; it may raise
             (e.g. :class:`~keyface.errors.Interrupted`) to stop the job, finished work stays in the job folder.
         preview_keyframes: decode each finished keyframe batch for :attr:`ProgressEvent.preview`.
+        backend: where the network calls run (:mod:`keyface.scheduling`): ``None`` is the
+            :class:`~keyface.scheduling.LocalBackend` (this process, the job's models); a parallel backend
+            (:class:`~keyface.scheduling.DevicesBackend`, :class:`~keyface.scheduling.RayBackend`) gives the same
+            frames, with up to :attr:`~keyface.scheduling.Backend.window` tasks in flight. The caller closes it.
     """
 
     def __init__(
@@ -198,8 +202,10 @@ class TalkingHeadJob:
         noise: NoiseSource | None = None,
         progress: ProgressCallback | None = None,
         preview_keyframes: bool = False,
+        backend: Backend | None = None,
     ):
         self.models = models
+        self.backend = backend or LocalBackend()
         self.conditioning = conditioning
         self.settings = settings
         self.schedule: Schedule = plan_schedule(conditioning.num_frames, settings.schedule)
@@ -238,6 +244,7 @@ class TalkingHeadJob:
         self._decode_block: int | None = None
         self._estimate_due = False
         self._planned_calls = (0, 0)  # keyframe batches and segments the current progress counter covers
+        self._fanout: _Fanout | None = None  # the parallel backend's work of the current run
 
     def with_settings(self, **changes) -> TalkingHeadJob:
         """This job with some settings changed (e.g. stage 2's steps, guidance or seed), in the same folder.
@@ -253,6 +260,7 @@ class TalkingHeadJob:
             noise=self.injected_noise,
             progress=self.progress_callback,
             preview_keyframes=self.preview_keyframes,
+            backend=self.backend,
         )
         job._replaced = dict(self._replaced)
         if job.folder.keyframe_fingerprint == self.folder.keyframe_fingerprint:
@@ -312,35 +320,50 @@ class TalkingHeadJob:
         self._remember(self._batches, batch, latents, _CACHED_BATCHES)
         return latents
 
+    def _keyframe_task(self, batch: int) -> KeyframeTask:
+        """Stage 1 of ``batch`` as a task: its slots' audio and emotion rows and its start noise."""
+        audio_frames = torch.tensor([slot.audio_frame for slot in self.schedule.batches[batch].slots])
+        cond, settings = self.conditioning, self.settings
+        return KeyframeTask(
+            batch=batch,
+            identity_latent=cond.identity_latent,
+            audio=_rows(cond.keyframe_audio, audio_frames)[None],
+            valence=_rows(cond.valence, audio_frames)[None].float(),
+            arousal=_rows(cond.arousal, audio_frames)[None].float(),
+            noise=self.noise.keyframes(batch),
+            num_steps=settings.num_steps,
+            audio_scale=settings.audio_scale,
+            identity_scale=settings.identity_scale,
+        )
+
     def _sample_keyframe_batch(self, batch: int) -> torch.Tensor:
-        slots = self.schedule.batches[batch].slots
-        audio_frames = torch.tensor([slot.audio_frame for slot in slots])
-        cond = self.conditioning
         detail = f"keyframe batch {batch + 1}/{len(self.schedule.batches)}"
 
         def step(done: int, total: int) -> None:
             self._progress.advance(1, KEYFRAMES, f"{detail}, step {done}/{total}")
             self._estimate_after_first_call(started, _KEYFRAME_PASSES)
 
-        with self.models.step("keyframes"):
-            started = time.perf_counter()
-            latents = sample_keyframes(
-                self.models.keyframe,
-                cond.identity_latent,
-                _rows(cond.keyframe_audio, audio_frames)[None],
-                _rows(cond.valence, audio_frames)[None].float(),
-                _rows(cond.arousal, audio_frames)[None].float(),
-                self.noise.keyframes(batch),
-                num_steps=self.settings.num_steps,
-                audio_scale=self.settings.audio_scale,
-                identity_scale=self.settings.identity_scale,
-                callback=step,
-            ).cpu()
+        task = self._keyframe_task(batch)
+        started = time.perf_counter()
+        latents = run_task(self.models, task, step)
+        self._preview(batch, latents)
+        return latents
+
+    def _keyframes_finished(self, batch: int, latents: torch.Tensor) -> None:
+        """A parallel backend finished keyframe batch ``batch``: keep it, report it."""
+        self.folder.save_keyframes(batch, latents)
+        self._remember(self._batches, batch, latents, max(_CACHED_BATCHES, self.backend.window))
+        detail = f"keyframe batch {batch + 1}/{len(self.schedule.batches)}"
+        self._progress.advance(self.settings.steps_per_sample, KEYFRAMES, detail)
+        self._preview(batch, latents)
+
+    def _preview(self, batch: int, latents: torch.Tensor) -> None:
+        slots = self.schedule.batches[batch].slots
+        detail = f"keyframe batch {batch + 1}/{len(self.schedule.batches)}"
         if self.preview_keyframes and self._progress.callback is not None:
             first_keyframe = next(i for i, slot in enumerate(slots) if slot.role is SlotRole.KEYFRAME)
             preview = to_uint8(self.decode_keyframes(latents[first_keyframe : first_keyframe + 1])[0])
             self._progress.advance(0, KEYFRAMES, f"{detail} done", preview)
-        return latents
 
     def slot_latent(self, slot_id: int) -> torch.Tensor:
         """Latent ``(C, h, w)`` of keyframe slot ``slot_id`` (a replaced keyframe if one was given)."""
@@ -375,6 +398,9 @@ class TalkingHeadJob:
             len(self.schedule.batches) * self.settings.steps_per_sample, self.progress_callback
         )
         self._plan_estimate(len(self.schedule.batches), 0)
+        if self.backend.parallel:
+            _Fanout(self, batches=range(len(self.schedule.batches))).run()
+            return
         for batch in range(len(self.schedule.batches)):
             self.keyframe_batch(batch)
 
@@ -393,7 +419,12 @@ class TalkingHeadJob:
         if index in self._segments:
             self._segments.move_to_end(index)
             return self._segments[index]
-        self._interpolate_call(index)
+        if self.backend.parallel:
+            fanout = self._fanout if self._fanout is not None and self._fanout.covers(index) else None
+            (fanout or _Fanout(self, segments=[index])).run_until(self.call_group(index).start)
+            if index in self._segments:
+                return self._segments[index]
+        self._interpolate_call(index)  # (parallel: read back a segment that left the memory cache)
         return self._segments[index]
 
     def interpolate(self) -> None:
@@ -405,20 +436,26 @@ class TalkingHeadJob:
             self.progress_callback,
         )
         self._plan_estimate(len(self.schedule.batches), len(self.schedule.segments))
+        if self.backend.parallel:
+            self._fanout = _Fanout(self, segments=range(len(self.schedule.segments)))
         for segment in self.schedule.segments:
             self.segment(segment.index)
 
-    def _interpolate_call(self, index: int) -> None:
-        """Interpolate the call group of ``index``: consecutive segments of its chunk, at most
-        ``segments_per_call``, those already in the job folder read back instead."""
-        schedule, steps = self.schedule, self.settings.segment_steps_per_sample
-        chunk = schedule.chunks[schedule.segments[index].chunk]
+    def call_group(self, index: int) -> range:
+        """The segments interpolated in one call with segment ``index``: consecutive segments of its chunk, at
+        most ``segments_per_call``."""
+        chunk = self.schedule.chunks[self.schedule.segments[index].chunk]
         per_call = self.segments_per_call
         first = chunk.segments.start + (index - chunk.segments.start) // per_call * per_call
-        group = range(first, min(first + per_call, chunk.segments.stop))
+        return range(first, min(first + per_call, chunk.segments.stop))
+
+    def _missing_segments(self, group: range) -> list[tuple[int, torch.Tensor, torch.Tensor, str]]:
+        """``(index, start, end, digest)`` of the segments of ``group`` not in the job folder; those that are
+        are read back."""
+        steps = self.settings.segment_steps_per_sample
         missing = []
         for k in group:
-            segment = schedule.segments[k]
+            segment = self.schedule.segments[k]
             start, end = self.slot_latent(segment.start_slot), self.slot_latent(segment.end_slot)
             digest = tensor_digest(start, end)
             stored = self.folder.segment(k, digest)
@@ -427,13 +464,33 @@ class TalkingHeadJob:
             else:
                 self._remember(self._segments, k, stored, _CACHED_SEGMENTS)
                 self._progress.advance(steps, INTERPOLATION, f"segment {k + 1} (resumed)")
-        if not missing:
-            return
-        frames = schedule.frames_per_clip
+        return missing
+
+    def _segment_task(self, missing: list[tuple[int, torch.Tensor, torch.Tensor, str]]) -> SegmentTask:
+        """Stage 2 of the ``missing`` segments (of one chunk) as one task: keyframes, audio rows, noise slices."""
+        schedule, frames = self.schedule, self.schedule.frames_per_clip
+        chunk = schedule.chunks[schedule.segments[missing[0][0]].chunk]
         chunk_noise = self.noise.segments(chunk.index)
         offsets = [(k - chunk.segments.start) * frames for k, *_ in missing]
-        noise = torch.cat([chunk_noise[o : o + frames] for o in offsets])
         audio_frames = torch.tensor([schedule.segments[k].audio_frames for k, *_ in missing])
+        return SegmentTask(
+            segments=tuple(k for k, *_ in missing),
+            start_latents=torch.stack([start for _, start, _, _ in missing]),
+            end_latents=torch.stack([end for _, _, end, _ in missing]),
+            audio=_rows(self.conditioning.interpolation_audio, audio_frames.flatten()).unflatten(0, audio_frames.shape),
+            noise=torch.cat([chunk_noise[o : o + frames] for o in offsets]),
+            num_steps=self.settings.segment_steps,
+            guidance_scale=self.settings.autoguidance_scale,
+        )
+
+    def _interpolate_call(self, index: int) -> None:
+        """Interpolate the call group of ``index``, its segments already in the job folder read back instead."""
+        schedule = self.schedule
+        missing = self._missing_segments(self.call_group(index))
+        if not missing:
+            return
+        chunk = schedule.chunks[schedule.segments[index].chunk]
+        frames = schedule.frames_per_clip
         detail = (
             f"segments {missing[0][0] + 1}-{missing[-1][0] + 1}/{len(schedule.segments)} "
             f"(chunk {chunk.index + 1}/{len(schedule.chunks)})"
@@ -443,22 +500,21 @@ class TalkingHeadJob:
             self._progress.advance(len(missing), INTERPOLATION, f"{detail}, step {done}/{total}")
             self._estimate_after_first_call(started, len(missing) * frames * self._networks_per_segment_step)
 
-        with self.models.step("segments"):
-            started = time.perf_counter()
-            latents = sample_segments(
-                self.models.interpolation,
-                self.models.autoguidance,
-                torch.stack([start for _, start, _, _ in missing]),
-                torch.stack([end for _, _, end, _ in missing]),
-                _rows(self.conditioning.interpolation_audio, audio_frames.flatten()).unflatten(0, audio_frames.shape),
-                noise,
-                num_steps=self.settings.segment_steps,
-                guidance_scale=self.settings.autoguidance_scale,
-                callback=step,
-            ).cpu()
+        task = self._segment_task(missing)
+        started = time.perf_counter()
+        self._segments_finished(missing, run_task(self.models, task, step), progress=False)
+
+    def _segments_finished(self, missing: list, latents: torch.Tensor, progress: bool = True) -> None:
+        """The latents ``(14 * n, C, h, w)`` of the ``missing`` segments are done: keep them (and report them,
+        for a parallel backend, whose workers send no step progress)."""
+        frames = self.schedule.frames_per_clip
         for (k, _, _, digest), segment_latents in zip(missing, latents.split(frames)):
             self.folder.save_segment(k, digest, segment_latents)
             self._remember(self._segments, k, segment_latents, _CACHED_SEGMENTS)
+        if progress:
+            steps = self.settings.segment_steps_per_sample * len(missing)
+            label = f"segments {missing[0][0] + 1}-{missing[-1][0] + 1}/{len(self.schedule.segments)}"
+            self._progress.advance(steps, INTERPOLATION, label)
 
     # ------------------------------------------------------------------------------------------ frames
 
@@ -479,6 +535,11 @@ class TalkingHeadJob:
             self.progress_callback,
         )
         self._plan_estimate(self._batches_needed(needed), len(needed))
+        if self.backend.parallel:
+            in_order = dict.fromkeys(
+                source.segment for frame in self.schedule.output_frames(start, stop) for source in frame.sources
+            )
+            self._fanout = _Fanout(self, segments=in_order)
         return self._frames(start, stop)
 
     def _batches_needed(self, segments: set[int]) -> int:
@@ -561,12 +622,116 @@ class TalkingHeadJob:
 
     # ------------------------------------------------------------------------------------------ helpers
 
+    def _segment_slots(self, index: int) -> tuple[int, int]:
+        segment = self.schedule.segments[index]
+        return segment.start_slot, segment.end_slot
+
     @staticmethod
     def _remember(cache: OrderedDict, key: int, value: torch.Tensor, capacity: int) -> None:
         cache[key] = value
         cache.move_to_end(key)
         while len(cache) > capacity:
             cache.popitem(last=False)
+
+
+class _Fanout:
+    """The work of one run on a parallel backend: keyframe batches and segment call groups as tasks, submitted in
+    frame order with at most :attr:`Backend.window` in flight.
+
+    A call group is submitted once the keyframe batches it interpolates between are finished; every finished
+    task goes to the job folder (so resuming works as with the local backend) and the job's memory cache, from
+    which the frames stream as soon as the segments they need are done. While waiting, the progress callback
+    gets a heartbeat event, so a cancel (a callback that raises) stops the run; unfinished tasks are cancelled.
+    """
+
+    # How often a waiting driver calls the progress callback (seconds).
+    HEARTBEAT = 0.25
+
+    def __init__(self, job: TalkingHeadJob, segments: Iterable[int] = (), batches: Iterable[int] = ()):
+        self.job = job
+        job.backend.prepare(job.models)
+        frames, batches = job.schedule.frames_per_clip, list(batches)
+        units: list[tuple[str, int]] = [("batch", b) for b in batches]
+        seen_batches, self.groups = set(batches), {}
+        for k in segments:
+            group = job.call_group(k)
+            if group.start in self.groups:
+                continue
+            self.groups[group.start] = group
+            for slot in sorted({s for i in group for s in job._segment_slots(i)}):
+                if slot not in job._replaced and slot // frames not in seen_batches:
+                    seen_batches.add(slot // frames)
+                    units.append(("batch", slot // frames))
+            units.append(("group", group.start))
+        self.units = deque(units)
+        self.in_flight: dict[Future, tuple[str, int, list]] = {}
+        self.running_batches: set[int] = set()
+        self.finished_groups: set[int] = set()
+
+    def covers(self, index: int) -> bool:
+        return self.job.call_group(index).start in self.groups
+
+    def run(self) -> None:
+        """Run every task."""
+        self._pump(lambda: not self.units and not self.in_flight)
+
+    def run_until(self, group_start: int) -> None:
+        """Run until the call group starting at segment ``group_start`` is finished."""
+        self._pump(lambda: group_start in self.finished_groups)
+
+    def _pump(self, finished) -> None:
+        try:
+            while not finished():
+                self._submit()
+                if not self.in_flight:
+                    break
+                self._collect()
+        except BaseException:
+            for future in self.in_flight:
+                future.cancel()
+            self.in_flight.clear()
+            self.job._fanout = None
+            raise
+
+    def _submit(self) -> None:
+        job = self.job
+        while self.units and len(self.in_flight) < job.backend.window:
+            kind, key = self.units[0]
+            if kind == "batch":
+                self.units.popleft()
+                if key in job._batches or job.folder.keyframes(key) is not None:
+                    job.keyframe_batch(key)  # read back (resume)
+                    continue
+                self.in_flight[job.backend.submit(job._keyframe_task(key))] = (kind, key, [])
+                self.running_batches.add(key)
+                continue
+            group = self.groups[key]
+            frames = job.schedule.frames_per_clip
+            if any(slot // frames in self.running_batches for i in group for slot in job._segment_slots(i)):
+                return  # waits for its keyframes; everything before it is in flight
+            self.units.popleft()
+            missing = job._missing_segments(group)
+            if missing:
+                self.in_flight[job.backend.submit(job._segment_task(missing))] = (kind, key, missing)
+            else:
+                self.finished_groups.add(key)
+
+    def _collect(self) -> None:
+        done, _ = wait(list(self.in_flight), timeout=self.HEARTBEAT, return_when=FIRST_COMPLETED)
+        job = self.job
+        if not done:
+            stage = KEYFRAMES if any(kind == "batch" for kind, _, _ in self.in_flight.values()) else INTERPOLATION
+            job._progress.advance(0, stage, f"{len(self.in_flight)} tasks on {job.backend.workers} workers")
+            return
+        for future in done:
+            kind, key, missing = self.in_flight.pop(future)
+            latents = future.result()  # a task's own error (bad input) is raised here, as it was raised there
+            if kind == "batch":
+                self.running_batches.discard(key)
+                job._keyframes_finished(key, latents)
+            else:
+                job._segments_finished(missing, latents)
+                self.finished_groups.add(key)
 
 
 def _rows(values, indices: torch.Tensor) -> torch.Tensor:

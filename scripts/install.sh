@@ -37,7 +37,7 @@ if [ "$TORCH_INDEX" != default ]; then
 fi
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q "${TORCH_INDEX_ARGS[@]}" $TORCH_SPEC
-.venv/bin/python -m pip install -q -e ".[test,face,eval]"
+.venv/bin/python -m pip install -q -e ".[test,face,eval,ray]"
 
 if [ -f tests/web/package.json ]; then
     if ! command -v chromium >/dev/null 2>&1; then
