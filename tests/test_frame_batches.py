@@ -8,6 +8,7 @@ within H.264 tolerance in the final mp4; memory is measured in a subprocess on 1
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -176,3 +177,72 @@ def _measure(seconds: int, folder: Path) -> None:
 
 if __name__ == "__main__":
     _measure(int(sys.argv[1]), Path(sys.argv[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the node pair in a loop, as ComfyUI's queue runs it
+
+
+@pytest.fixture
+def pair(node_pack, tmp_path, monkeypatch):
+    """(Frame Batches, Collect, queued) with the output and batch folders under tmp_path; ``queued`` records the
+    prompts Collect puts on the queue again."""
+    from comfy_api.v0_0_2 import io
+
+    module = sys.modules[f"{node_pack.__name__}.nodes.frame_batches"]
+    host = sys.modules[f"{node_pack.__name__}.nodes.host"]
+    monkeypatch.setenv("KEYFACE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "output").mkdir()
+    host.configure(output=tmp_path / "output")
+    queued = []
+    monkeypatch.setattr(host, "queue_prompt_again", lambda prompt, extra_pnginfo, node_id: queued.append(node_id))
+    prompt = {"1": {"class_type": "KeyFaceFrameBatches"}, "3": {"class_type": "KeyFaceCollect"}}
+    batches = module.KeyFaceFrameBatches.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "1", io.Hidden.prompt: prompt})
+    collect = module.KeyFaceCollect.PREPARE_CLASS_CLONE(
+        {io.Hidden.unique_id: "3", io.Hidden.prompt: prompt, io.Hidden.extra_pnginfo: {"workflow": {"nodes": []}}}
+    )
+    yield batches, collect, queued
+    host.configure(output=None)
+
+
+def queue_runs(pair, source: Path, upscale_node, model, fail_on_call: int | None = None) -> str:
+    """Run the prompt Frame Batches -> ImageUpscaleWithModel -> Collect once, then again for every re-queue."""
+    batches, collect, queued = pair
+    runs = len(queued) + 1
+    while True:
+        assert math.isnan(batches.fingerprint_inputs(batch_size=16, file=str(source)))  # never cached
+        images, batch = batches.execute(batch_size=16, file=str(source)).args
+        assert images.dtype == torch.float32 and images.shape[1:] == (SIDE, SIDE, 3)
+        if fail_on_call is not None and len(upscale_node.calls) == fail_on_call:
+            raise KeyboardInterrupt  # Cancel while the upscaler runs
+        (upscaled,) = upscale_node.execute(model, images).args
+        upscale_node.calls.append(len(images))
+        (path,) = collect.execute(images=upscaled, batch=batch, crf=18, filename_prefix="video/batched").args
+        if path:
+            assert len(queued) == runs - 1  # every run but the last queued the next one, for Collect
+            return path
+        assert queued[-1] == "3" and len(queued) == runs
+        runs += 1
+
+
+def test_the_pair_runs_a_core_upscale_node_batch_by_batch_and_resumes_after_cancel(pair, tmp_path):
+    from test_upscale_host import UpscaleModel, v3_node
+
+    calls: list = []
+    node = v3_node(calls, with_alias=False)
+    node.calls = []
+    source = write_source(tmp_path / "in.mp4", 70)
+    with pytest.raises(KeyboardInterrupt):
+        queue_runs(pair, source, node, UpscaleModel(SCALE), fail_on_call=2)
+    path = queue_runs(pair, source, node, UpscaleModel(SCALE))
+    assert node.calls == [16, 16, 16, 16, 6]  # 5 batches of 70 frames, each once: after Cancel, batch 3 onwards
+    assert calls == [(16, SIDE, SIDE, 3)] * 4 + [(6, SIDE, SIDE, 3)]
+
+    expected = upscale(read_video(source))
+    with Mp4Writer(tmp_path / "reference.mp4", VIDEO_FPS) as reference:
+        reference.write_frames(expected)
+    np.testing.assert_array_equal(read_video(path), read_video(reference.path))
+    info = probe_media(path)
+    assert Path(path).parent == tmp_path / "output" / "video" and info.audio is not None
+    assert "workflow" in info.metadata
+    assert not list((tmp_path / "cache").rglob("*.mkv"))  # the batch folder went with the join
