@@ -9,8 +9,10 @@ its test ID; with no set found it is skipped with a message saying where sets ar
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 
 # Idle OpenMP threads sleep instead of spinning: with torch's default (active) policy, a 2-core machine that is
 # also running anything else makes small CPU ops tens of times slower. Must be set before torch loads.
@@ -18,6 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
+
+# ComfyUI's V3 API (comfy_api) is not installable: outside ComfyUI the nodes run on the stand-in in tests/standins/
+if importlib.util.find_spec("comfy_api") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "standins"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FIXTURE_ROOT = REPO_ROOT.parent / "shared" / "fixtures"

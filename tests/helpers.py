@@ -27,6 +27,22 @@ def load_node_pack():
     return sys.modules[NODE_PACK_NAME]
 
 
+def execute_node(node, hidden: dict | None = None, **inputs):
+    """Run a V3 node as ComfyUI's executor does: on a class clone carrying the hidden inputs (``{io.Hidden: value}``),
+    through ``EXECUTE_NORMALIZED``; returns the :class:`io.NodeOutput` (values in ``.result``, ``.ui``)."""
+    return node.PREPARE_CLASS_CLONE(hidden or {}).EXECUTE_NORMALIZED(**inputs)
+
+
+def validate_node(node, hidden: dict | None = None, **inputs):
+    """A V3 node's ``validate_inputs`` as ComfyUI's validation calls it (True, or the message); True when the node
+    defines none."""
+    from comfy_api.v0_0_2 import io
+
+    if node.validate_inputs.__func__ is io.ComfyNode.validate_inputs.__func__:
+        return True
+    return node.PREPARE_CLASS_CLONE(hidden or {}).validate_inputs(**inputs)
+
+
 def random_conditioning(models, frames: int, seed: int = 3) -> Conditioning:
     """Random but fixed conditioning of ``frames`` frames for loaded ``models`` (no audio encoders needed)."""
     generator = torch.Generator().manual_seed(seed)
