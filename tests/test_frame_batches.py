@@ -211,13 +211,13 @@ def queue_runs(pair, source: Path, upscale_node, model, fail_on_call: int | None
     runs = len(queued) + 1
     while True:
         assert math.isnan(batches.fingerprint_inputs(batch_size=16, file=str(source)))  # never cached
-        images, batch = batches.execute(batch_size=16, file=str(source)).args
+        images, batch = batches.EXECUTE_NORMALIZED(batch_size=16, file=str(source)).args
         assert images.dtype == torch.float32 and images.shape[1:] == (SIDE, SIDE, 3)
         if fail_on_call is not None and len(upscale_node.calls) == fail_on_call:
             raise KeyboardInterrupt  # Cancel while the upscaler runs
         (upscaled,) = upscale_node.execute(model, images).args
         upscale_node.calls.append(len(images))
-        (path,) = collect.execute(images=upscaled, batch=batch, crf=18, filename_prefix="video/batched").args
+        (path,) = collect.EXECUTE_NORMALIZED(images=upscaled, batch=batch, crf=18, filename_prefix="video/batched").args
         if path:
             assert len(queued) == runs - 1  # every run but the last queued the next one, for Collect
             return path
