@@ -113,8 +113,10 @@ class KeyFaceFrameBatches(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output("images", tooltip="The frames of this batch, float RGB."),
-                io.Custom(FRAME_BATCH).Output("batch", tooltip="Which batch this is: connect to KeyFace Collect."),
+                io.Image.Output("images", display_name="images", tooltip="The frames of this batch, float RGB."),
+                io.Custom(FRAME_BATCH).Output(
+                    "batch", display_name="batch", tooltip="Which batch this is: connect to KeyFace Collect."
+                ),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
@@ -199,7 +201,11 @@ class KeyFaceCollect(io.ComfyNode):
                 ),
                 io.Audio.Input("audio", optional=True, tooltip="Sound track; default: the source video's audio."),
             ],
-            outputs=[io.String.Output("path", tooltip="The mp4 written after the last batch (empty before).")],
+            outputs=[
+                io.String.Output(
+                    "path", display_name="path", tooltip="The mp4 written after the last batch (empty before)."
+                )
+            ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
