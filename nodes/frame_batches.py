@@ -12,7 +12,6 @@ over. See docs/long_videos.md.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -124,7 +123,7 @@ class KeyFaceFrameBatches(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, **kwargs) -> float:
         """Never the same (NaN != NaN): every queued run takes the next batch."""
-        return math.nan
+        return float("nan")  # a new object each time: a cached NaN object would equal itself
 
     @classmethod
     @node_function()
@@ -153,7 +152,12 @@ class KeyFaceFrameBatches(io.ComfyNode):
             source = {"file": str(path), "identity": file_identity(path)}
         plan = BatchPlan(num_frames, batch_size)
         hidden = cls.hidden
-        key = {"source": source, "batch_size": batch_size, "node": hidden.unique_id, "prompt": hidden.prompt}
+        key = {
+            "source": source,
+            "batch_size": batch_size,
+            "node": hidden.unique_id,
+            "prompt": host.submitted_prompt(hidden.prompt or {}),
+        }
         store = BatchStore(_batches_root() / fingerprint(key), plan, fps, source)
         # every batch stored but not joined yet (interrupted while joining): redo the last one, Collect then joins
         index = store.next_batch()
