@@ -246,3 +246,16 @@ def test_the_pair_runs_a_core_upscale_node_batch_by_batch_and_resumes_after_canc
     assert Path(path).parent == tmp_path / "output" / "video" and info.audio is not None
     assert "workflow" in info.metadata
     assert not list((tmp_path / "cache").rglob("*.mkv"))  # the batch folder went with the join
+
+
+def test_the_prompt_is_queued_again_as_submitted_so_the_next_run_is_not_cached(node_pack):
+    """ComfyUI 0.3.64 writes each node's fingerprint into the running prompt (``is_changed``) and reuses one it
+    finds there: queued again with it, Frame Batches would be cached and the loop would repeat batch 1."""
+    host = sys.modules[f"{node_pack.__name__}.nodes.host"]
+    module = sys.modules[f"{node_pack.__name__}.nodes.frame_batches"]
+    nan = module.KeyFaceFrameBatches.fingerprint_inputs(batch_size=8)
+    running = {"1": {"class_type": "KeyFaceFrameBatches", "inputs": {"batch_size": 8}, "is_changed": [nan]}}
+    assert host.submitted_prompt(running) == {"1": {"class_type": "KeyFaceFrameBatches", "inputs": {"batch_size": 8}}}
+    assert "is_changed" in running["1"]  # the running prompt is left as it is
+    again = module.KeyFaceFrameBatches.fingerprint_inputs(batch_size=8)
+    assert [again] != [nan]  # a fresh NaN: never equal to the last one, even inside a list
