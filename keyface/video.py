@@ -443,8 +443,12 @@ class Mp4Writer(FrameSink):
         self._frame_size: tuple[int, int] | None = None
         self._audio_samples_written = 0
 
+    # The video codec and pixel format; a subclass may choose another pair (an RGB one needs no even size).
+    codec = "libx264"
+    pix_fmt = "yuv420p"
+
     def __repr__(self) -> str:
-        return f"Mp4Writer({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     # -- FrameSink hooks
 
@@ -458,7 +462,7 @@ class Mp4Writer(FrameSink):
                 f"{self.path}: frame {self.frames_written} is {frame.shape[1]}x{frame.shape[0]}, but the video "
                 f"is {self._frame_size[1]}x{self._frame_size[0]}; every frame must have the same size"
             )
-        video_frame = av.VideoFrame.from_ndarray(_pad_to_even(frame), format="rgb24")
+        video_frame = av.VideoFrame.from_ndarray(self._even(frame), format="rgb24")
         video_frame.pts = self.frames_written
         self._guarded(lambda: self._mux(self._video_stream.encode(video_frame)))
         if self.audio is not None:
@@ -507,9 +511,9 @@ class Mp4Writer(FrameSink):
             raise self._output.write_error(error) from error
         for key, value in self._metadata.items():
             self._container.metadata[key] = value
-        video = self._container.add_stream("libx264", rate=self.fps)
-        video.width, video.height = width + width % 2, height + height % 2
-        video.pix_fmt = "yuv420p"
+        video = self._container.add_stream(self.codec, rate=self.fps)
+        video.width, video.height = (width + width % 2, height + height % 2) if self._subsampled else (width, height)
+        video.pix_fmt = self.pix_fmt
         video.options = self._options
         self._video_stream = video
         if self.audio is not None:
@@ -535,6 +539,14 @@ class Mp4Writer(FrameSink):
         audio_frame.pts = self._audio_samples_written
         self._mux(self._audio_stream.encode(audio_frame))
         self._audio_samples_written = stop
+
+    @property
+    def _subsampled(self) -> bool:
+        """yuv420p halves the chroma resolution: the frame size must be even."""
+        return self.pix_fmt == "yuv420p"
+
+    def _even(self, frame: np.ndarray) -> np.ndarray:
+        return _pad_to_even(frame) if self._subsampled else frame
 
     def _mux(self, packets) -> None:
         for packet in packets:

@@ -12,6 +12,7 @@ from .audio import KeyFaceLoadAudio
 from .emotion import KeyFaceEmotionCurve
 from .evaluate import KeyFaceEvaluate
 from .face import KeyFaceCropFace, KeyFacePasteBack
+from .frame_batches import KeyFaceCollect, KeyFaceFrameBatches
 from .generate import KeyFaceKeyframeInterpolator, KeyFaceKeyframeSampler
 from .host import register_model_folders
 from .loader import KeyFaceModelLoader
@@ -28,6 +29,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "KeyFaceVideoToImages": "KeyFace Video to Images",
     "KeyFacePasteBack": "KeyFace Paste Back",
     "KeyFaceEvaluate": "KeyFace Evaluate",
+    "KeyFaceFrameBatches": "KeyFace Frame Batches",
+    "KeyFaceCollect": "KeyFace Collect",
 }
 
 NODE_CLASS_MAPPINGS = {
@@ -43,6 +46,8 @@ NODE_CLASS_MAPPINGS = {
         KeyFaceVideoToImages,
         KeyFacePasteBack,
         KeyFaceEvaluate,
+        KeyFaceFrameBatches,
+        KeyFaceCollect,
     )
 }
 

@@ -399,3 +399,28 @@ def upscale_image(upscale_model, image):
         run = node.execute if hasattr(node, "execute") else node().upscale
         return run(upscale_model=upscale_model, image=image)[0]
     return upscale_model(image.movedim(-1, -3)).movedim(-3, -1).clamp(0.0, 1.0)
+
+
+def submitted_prompt(prompt: dict) -> dict:
+    """The API prompt as submitted: a copy without what the executor adds to each node while running it
+    (``is_changed``, the fingerprint it computed; queued again, it would make the next run reuse the cache)."""
+    return {node_id: {k: v for k, v in node.items() if k != "is_changed"} for node_id, node in prompt.items()}
+
+
+def queue_prompt_again(prompt: dict, extra_pnginfo: dict | None, output_node_id: str) -> None:
+    """Put ``prompt`` on ComfyUI's queue again (after what is queued), executing ``output_node_id``'s branch.
+
+    The item is what ``POST /prompt`` queues for an already validated prompt: ``(number, prompt_id, prompt,
+    extra_data, outputs_to_execute)``; the UI's client gets its progress."""
+    import uuid
+
+    server = _comfy("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        raise InputError("the next batch can only be queued inside ComfyUI's server")
+    number = instance.number
+    instance.number += 1
+    extra_data = {"extra_pnginfo": extra_pnginfo or {}}
+    if getattr(instance, "client_id", None):
+        extra_data["client_id"] = instance.client_id
+    instance.prompt_queue.put((number, str(uuid.uuid4()), submitted_prompt(prompt), extra_data, [output_node_id]))

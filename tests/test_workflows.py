@@ -71,6 +71,10 @@ CORE_NODES = {
         "inputs": {"model_name": ("COMBO", {"files": (".safetensors", ".pth", ".pt", ".ckpt", ".bin")})},
         "outputs": ("UPSCALE_MODEL",),
     },
+    "ImageUpscaleWithModel": {
+        "inputs": {"upscale_model": ("UPSCALE_MODEL", {}), "image": ("IMAGE", {})},
+        "outputs": ("IMAGE",),
+    },
 }
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_WIDGETS = {"AUDIO_UI"}  # widgets the frontend draws (the audio player), stored as null
@@ -290,6 +294,8 @@ CORE_STAND_INS = {
     "ImageBatch": lambda image1, image2: (torch.cat([image1, image2]),),
     "ImageSharpen": _sharpen,
     "UpscaleModelLoader": _load_upscale_model,
+    # ComfyUI's ImageUpscaleWithModel without its tiling: IMAGE (n, h, w, 3) -> (n, 2h, 2w, 3)
+    "ImageUpscaleWithModel": lambda upscale_model, image: (upscale_model(image.movedim(-1, -3)).movedim(-3, -1),),
 }
 
 

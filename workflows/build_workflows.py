@@ -65,6 +65,10 @@ CORE_NODES = {
         "inputs": [("model_name", "COMBO", UPSCALE_MODEL)],
         "outputs": [("UPSCALE_MODEL", "UPSCALE_MODEL")],
     },
+    "ImageUpscaleWithModel": {
+        "inputs": [("upscale_model", "UPSCALE_MODEL", None), ("image", "IMAGE", None)],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
 }
 CORE_TITLES = {
     "LoadImage": "Load Image",
@@ -73,6 +77,7 @@ CORE_TITLES = {
     "ImageBatch": "Batch Images",
     "ImageSharpen": "Image Sharpen",
     "UpscaleModelLoader": "Load Upscale Model",
+    "ImageUpscaleWithModel": "Upscale Image (using Model)",
 }
 NOTE = "MarkdownNote"  # a frontend-only node: in the UI file, not in the API file
 KEYFACE_HUB = "Hugging Face `toninio19/keyface`"
@@ -444,6 +449,44 @@ GRAPHS = [
                 "**Load Upscale Model**, or delete that node to write the frames at the model's 512 px.\n\n"
                 f"Runs on the sample inputs `{PORTRAIT}` and `{SPEECH_LONG}` (17 s); **replace them** with your "
                 "portrait in **Load Image** and your long recording in **KeyFace Load Audio**.",
+            )
+        ],
+    ),
+    Graph(
+        "keyface_long_upscaled_batches",
+        base_nodes(SPEECH_LONG, {"keyframe_image_size": 0})
+        + [
+            Node(6, "KeyFaceKeyframeInterpolator", (1060, 120), (320, 200), {"segments_per_call": 4}),
+            Node(9, "KeyFaceFrameBatches", (1420, 120), (300, 160), {"batch_size": 32}),
+            Node(10, "UpscaleModelLoader", (1420, 330), (300, 60)),
+            Node(11, "ImageUpscaleWithModel", (1760, 120), (300, 60)),
+            Node(7, "KeyFaceCollect", (2100, 120), (320, 400), {"filename_prefix": "video/KeyFace_batches"}),
+        ],
+        BASE_LINKS
+        + [
+            (5, "keyframes", 6, "keyframes"),
+            (6, "video", 9, "video"),
+            (9, "images", 11, "image"),
+            (10, "UPSCALE_MODEL", 11, "upscale_model"),
+            (11, "IMAGE", 7, "images"),
+            (9, "batch", 7, "batch"),
+        ],
+        [
+            note(
+                20,
+                (0, -280),
+                "## Long video through any image node, in batches\n\n**KeyFace Frame Batches** sends the video "
+                "through core **Upscale Image (using Model)** 32 frames at a time and **KeyFace Collect** joins "
+                "the batches into one mp4 with the audio, so memory holds one batch however long the video is "
+                "(a minute of 512 px video is 4.7 GB as one image batch, 75 GB upscaled 4x). Queue once: each "
+                "run does one batch and Collect queues the next; the queue shows one run per batch. After "
+                "Cancel, queue again to resume. Put any image nodes (face restore, colour match) between the "
+                "two instead.\n\n"
+                f"**Needs an upscale model**: `{UPSCALE_MODEL}` in `models/upscale_models/`, from the Real-ESRGAN "
+                "releases on GitHub (xinntao/Real-ESRGAN, release v0.1.0), or any model **Load Upscale Model** "
+                "lists. Processed frames wait on disk (lossless) until the last batch: keep some GB free.\n\n"
+                f"Runs on the sample inputs `{PORTRAIT}` and `{SPEECH_LONG}` (17 s); **replace them** with your "
+                "portrait and your recording (60 s or hours).",
             )
         ],
     ),
