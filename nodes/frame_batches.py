@@ -29,7 +29,7 @@ from .video import DEFAULT_PREFIX, _workflow_metadata
 
 logger = logging.getLogger(__name__)
 
-FRAME_BATCH = "KEYFACE_FRAME_BATCH"
+FRAME_BATCH = io.Custom("KEYFACE_FRAME_BATCH")
 DEFAULT_BATCH_SIZE = 32  # 32 frames of 512 px are 100 MB as IMAGE, 1.6 GB once upscaled 4x
 MAX_BATCH_SIZE = 4096
 BATCHES_FOLDER = "batches"
@@ -103,7 +103,7 @@ class KeyFaceFrameBatches(io.ComfyNode):
                     tooltip="Frames per batch (25 per second). Memory holds one batch, as processed by the nodes "
                     "in between: lower it if they run out of memory.",
                 ),
-                io.Custom(VIDEO).Input(
+                VIDEO.Input(
                     "video", optional=True, tooltip="The video from KeyFace Keyframe Interpolator (decoded per batch)."
                 ),
                 io.Video.Input("core_video", optional=True, tooltip="Or a core VIDEO that comes from a file."),
@@ -113,7 +113,7 @@ class KeyFaceFrameBatches(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="The frames of this batch, float RGB."),
-                io.Custom(FRAME_BATCH).Output(
+                FRAME_BATCH.Output(
                     "batch", display_name="batch", tooltip="Which batch this is: connect to KeyFace Collect."
                 ),
             ],
@@ -194,7 +194,7 @@ class KeyFaceCollect(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("images", tooltip="The processed frames of the batch."),
-                io.Custom(FRAME_BATCH).Input("batch", tooltip="The batch output of KeyFace Frame Batches."),
+                FRAME_BATCH.Input("batch", tooltip="The batch output of KeyFace Frame Batches."),
                 io.Int.Input(
                     "crf", default=DEFAULT_CRF, min=0, max=51, tooltip="H.264 quality of the mp4 (18 looks lossless)."
                 ),

@@ -151,7 +151,7 @@ def ray_backend(setup):
     except ImportError as error:
         if os.environ.get("CI") == "true":
             pytest.fail(f"ray is not importable on CI ({error}); scripts/install.sh installs the [ray] extra")
-        pytest.skip(f"ray is not installed ({error}); pip install 'comfyui-keyface[ray]'")
+        pytest.skip(f"ray is not installed ({error}); pip install 'keyface[ray]'")
     from keyface.scheduling import RayBackend
 
     python_path = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
