@@ -150,7 +150,8 @@ def test_memory_does_not_grow_with_the_length(tmp_path):
     print(
         f"RSS rise after the first batch: 10 s {short:.1f} MiB, 60 s {long:.1f} MiB (60 s of frames: {whole:.0f} MiB)"
     )
-    assert long < short + 0.15 * whole
+    # holding the frames would add `whole`; the encoder's and allocator's own buffers vary by ~15 MiB run to run
+    assert long < short + 0.3 * whole
 
 
 def _rss_mib() -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import enum
 import types
 
 import pytest
@@ -43,8 +44,11 @@ class FakeLoadedModel:
 
 
 class FakeModelManagement(types.ModuleType):
+    VRAMState = enum.Enum("VRAMState", "DISABLED NO_VRAM LOW_VRAM NORMAL_VRAM HIGH_VRAM SHARED")  # as in 0.3.64
+
     def __init__(self, budget: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__("comfy.model_management")
+        self.vram_state = self.VRAMState.NORMAL_VRAM
         self.budget, self.dtype = budget, dtype
         self.current_loaded_models: list[FakeLoadedModel] = []
         self.loads: list[tuple[list, bool]] = []  # (patchers, force_full_load) of each load_models_gpu call

@@ -136,7 +136,7 @@ def test_the_local_backend_is_the_default_and_has_no_submit():
 
 def test_ray_missing_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(KeyFaceError, match=r"pip install 'comfyui-keyface\[ray\]'") as caught:
+    with pytest.raises(KeyFaceError, match=r"pip install 'keyface\[ray\]'") as caught:
         import_ray()
     assert "\n" not in str(caught.value)
 
