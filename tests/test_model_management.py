@@ -12,8 +12,8 @@ free_memory; devices are the CPU, so the graph really runs.
 from __future__ import annotations
 
 import contextlib
-import sys
 import enum
+import sys
 import types
 
 import pytest
