@@ -245,6 +245,14 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
                     "user/keyface/jobs) after Video Combine has written the whole video, so a re-roll or "
                     "another encode of this job skips the finished work. Off: it is deleted then.",
                 ),
+                io.String.Input(
+                    "devices",
+                    default="",
+                    optional=True,
+                    tooltip="Several GPUs: a comma-separated list such as cuda:0,cuda:1 interpolates segments on "
+                    "all of them at once (one model copy each, made for this run and freed after it; same frames "
+                    "as one GPU). Empty: ComfyUI's device only.",
+                ),
             ],
             outputs=[
                 VIDEO.Output(
@@ -265,6 +273,7 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
         segments_per_call,
         edited_keyframes=None,
         keep_job_folder=False,
+        devices="",
     ):
         check_widgets(cls, locals())
         if keyframes is None:
@@ -281,11 +290,27 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
             if edited_keyframes is not None:
                 apply_edits(job, keyframes, edited_keyframes)
             with reporting(job, progress):
-                job.interpolate()
+                interpolate(job, devices.strip())
         handle = VideoHandle(
             job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
         )
         return io.NodeOutput(handle)
+
+
+def interpolate(job, devices: str) -> None:
+    """Stage 2 of ``job`` here, or on every listed device at once (:class:`keyface.scheduling.DevicesBackend`);
+    the job goes back to this process's backend afterwards, its segments all in the job folder."""
+    if not devices:
+        job.interpolate()
+        return
+    from keyface.scheduling import DevicesBackend, LocalBackend
+
+    with DevicesBackend(devices) as backend:
+        job.backend = backend
+        try:
+            job.interpolate()
+        finally:
+            job.backend = LocalBackend()
 
 
 def apply_edits(job, keyframes: KeyframesHandle, edited) -> list[int]:

@@ -1249,3 +1249,20 @@ def test_interpolator_settings_keep_the_keyframes(chain, monkeypatch):
     assert video.job.settings.interpolation_seed == 7
     for _, slot in sampled.keyframe_slots():
         assert torch.equal(video.job.slot_latent(slot), sampled.slot_latent(slot))
+
+
+def test_interpolator_on_two_devices_gives_the_frames_of_one(chain, monkeypatch):
+    from keyface.scheduling import DevicesBackend
+
+    (here,) = run("KeyFaceKeyframeInterpolator", keyframes=chain.keyframes, seed=21)
+    expected = torch.stack(list(here.job.frames()))
+    for path in here.job.folder.segments_path.glob("segment_*.safetensors"):
+        path.unlink()  # stage 2 must run again, on the devices
+    submitted = []
+    submit = DevicesBackend.submit
+    monkeypatch.setattr(DevicesBackend, "submit", lambda self, task: submitted.append(task) or submit(self, task))
+    (spread,) = run("KeyFaceKeyframeInterpolator", keyframes=chain.keyframes, seed=21, devices="cpu, cpu")
+    assert len(submitted) >= 1 and not spread.job.backend.parallel
+    assert torch.equal(torch.stack(list(spread.job.frames())), expected)
+    with pytest.raises(InputError, match="^devices: 'gpu7' is not a device"):
+        run("KeyFaceKeyframeInterpolator", keyframes=chain.keyframes, seed=22, devices="gpu7")
