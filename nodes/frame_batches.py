@@ -25,7 +25,7 @@ from . import host
 from .common import CATEGORY, image_to_uint8, images_from_pixels, node_function, uint8_to_image
 from .handles import VIDEO
 from .job_folders import jobs_root, video_written
-from .video import DEFAULT_PREFIX, _workflow_metadata
+from .video import DEFAULT_PREFIX, workflow_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ BATCHES_FOLDER = "batches"
 class FrameBatch:
     """What Collect needs of the batch Frame Batches sent: the store, which batch, and the audio to mux.
 
-    ``audio`` is a :class:`keyface.video.AudioTrack` or None; ``video`` the KeyFace video handle or None.
+    ``audio`` is a :class:`keyface.video.AudioTrack` (a file source: a :class:`~keyface.video.StreamedAudioTrack`) or None; ``video`` the KeyFace video handle or None.
     """
 
     store: Any  # keyface.frame_batches.BatchStore
@@ -62,9 +62,8 @@ def _batches_root() -> Path:
 
 def _file_source(path_text: str):
     """(path, fps, frames, audio track) of a video file."""
-    from keyface.audio.io import load_audio
     from keyface.media import probe_media
-    from keyface.video import AudioTrack
+    from keyface.video import StreamedAudioTrack
 
     path = Path(path_text.strip()).expanduser()
     if not path.is_file():
@@ -72,10 +71,7 @@ def _file_source(path_text: str):
     info = probe_media(path)
     if info.video is None or info.video.num_frames < 1:
         raise InputError(f"file: {path} has no video frames")
-    audio = None
-    if info.audio is not None:
-        clip = load_audio(path)
-        audio = AudioTrack.muxable(clip.waveform, clip.sample_rate)
+    audio = StreamedAudioTrack(path) if info.audio is not None else None  # never decoded whole
     return path.absolute(), info.video.fps, info.video.num_frames, audio
 
 
@@ -237,7 +233,7 @@ class KeyFaceCollect(io.ComfyNode):
             track = AudioTrack.muxable(clip.waveform, clip.sample_rate)
         height, width = images.shape[1:3]
         path, subfolder = host.save_path(filename_prefix, width, height, ".mp4")
-        metadata = _workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)
+        metadata = workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)
         store.finish(path, track, crf=crf, metadata=metadata)
         logger.info("KeyFace Collect: wrote %s (%d frames)", path, plan.num_frames)
         if batch.video is not None:

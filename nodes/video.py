@@ -172,7 +172,7 @@ class KeyFaceVideoCombine(io.ComfyNode):
         elif video is not None:
             track = AudioTrack.muxable(video.clip.waveform, video.clip.sample_rate)
         path, subfolder = host.save_path(filename_prefix, size[1], size[0], ".mp4")
-        metadata = _workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)
+        metadata = workflow_metadata(cls.hidden.prompt, cls.hidden.extra_pnginfo)
         writer = Mp4Writer(path, fps=fps, audio=track, crf=crf, metadata=metadata)
         sink = writer
         if crop is not None:
@@ -207,7 +207,7 @@ class _Upscaler:
         return image_to_uint8(upscaled[0])
 
 
-def _workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
+def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
     """ComfyUI's convention: ``prompt`` and each extra_pnginfo entry (``workflow``) as JSON text."""
     if not host.metadata_enabled():
         return {}
