@@ -18,11 +18,10 @@ ESPnet conformer it builds on), with the released file's key names under ``encod
 ``VsrEncoderConfig.blocks`` can be smaller than the file's: the first blocks are loaded (reduced depth, for
 speed or tests). Decoder and CTC tensors of the file are ignored.
 
-Mouth crop: the original warps each frame onto a mean face with 68 FAN landmarks and cuts 96 x 96 around
-the mouth; the pack's detector gives five landmarks, so here the frame is rotated to level the mouth
-corners, scaled so that the crop side is ``MOUTH_CROP_WIDTHS`` mouth-corner distances (:func:`keyface.evaluate.tracking.mouth_crop`), and cut 96 x 96
-around the corners' midpoint; then, as in auto_avsr's test transform, the centre 88 x 88, grayscale,
-``(x / 255 - 0.421) / 0.165``. The numbers are therefore close to, not identical with, the paper's.
+Input: 96 x 96 RGB mouth squares (:mod:`keyface.evaluate.mouth`: the original's crop on 68 FAN landmarks
+warped to auto_avsr's mean face, or a five-landmark approximation when its files are missing), then auto_avsr's
+test transform (:func:`vsr_input`): ``/ 255``, the centre 88 x 88, grayscale (ITU-R 601 weights, as
+torchvision's), ``(x - 0.421) / 0.165``.
 The encoder runs over chunks of ``chunk_frames`` frames (attention within a chunk), so memory is bounded.
 """
 
@@ -269,6 +268,21 @@ def load_vsr_encoder(folder: str | os.PathLike, max_blocks: int | None = None) -
     return encoder.eval()
 
 
+# auto_avsr's VideoTransform("test"): centre crop, grayscale (torchvision's weights), normalisation.
+VSR_INPUT_SIZE = 88
+GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
+VSR_PIXEL_MEAN, VSR_PIXEL_STD = 0.421, 0.165
+
+
+def vsr_input(square: np.ndarray) -> np.ndarray:
+    """A ``(96, 96, 3)`` RGB mouth square (0-255) -> the encoder's ``(88, 88)`` float32 input."""
+    margin_y = int(round((square.shape[0] - VSR_INPUT_SIZE) / 2))
+    margin_x = int(round((square.shape[1] - VSR_INPUT_SIZE) / 2))
+    centre = np.asarray(square, np.float32)[margin_y : margin_y + VSR_INPUT_SIZE, margin_x : margin_x + VSR_INPUT_SIZE]
+    gray = (centre / 255.0) @ GRAY_WEIGHTS
+    return ((gray - VSR_PIXEL_MEAN) / VSR_PIXEL_STD).astype(np.float32)
+
+
 class LipScorer:
     """Collects (generated, ground-truth) mouth-crop pairs frame by frame and scores them ``chunk_frames`` at a
     time: the cosine similarity of the two videos' encoder features, per frame."""
@@ -290,8 +304,9 @@ class LipScorer:
         return self.encoder(batch)[0].float().cpu()
 
     def add(self, frame: int, generated: np.ndarray, real: np.ndarray) -> None:
+        """One frame's ``(96, 96, 3)`` RGB mouth squares of the generated and the real video."""
         self._frames.append(frame)
-        self._pairs.append((generated, real))
+        self._pairs.append((vsr_input(generated), vsr_input(real)))
         if len(self._pairs) == self.chunk_frames:
             self.flush()
 

@@ -10,6 +10,7 @@ the length of the video. The audio track is decoded whole (16 kHz mono: 3.8 MB p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -26,12 +27,13 @@ from .tracking import (
     DEFAULT_DETECT_EVERY,
     TrackedFace,
     arcface_crop,
-    mouth_crop,
     mouth_openness,
     syncnet_crop,
     track_faces,
 )
 from .weights import DEFAULT_EVAL_FOLDER
+
+logger = logging.getLogger(__name__)
 
 SECONDS_PER_MINUTE = 60
 IDENTITY_BATCH = 16
@@ -44,7 +46,7 @@ class EvaluationOptions:
     """How the video is measured.
 
     Attributes:
-        weights: folder with the evaluation networks (``arcface_r50.pth``, ``syncnet_v2.model``).
+        weights: folder with the evaluation networks (``arcface_r50.pth``, ``syncnet_v2.model``, ...).
         detect_every: run the face detector on every n-th frame, interpolate in between.
         sync_window: frames per SyncNet window (LSE-C / LSE-D over time).
         correlation_window: frames per window of the mouth-open / audio-energy correlation.
@@ -81,6 +83,8 @@ class EvaluationReport:
     emotion: dict[str, list[float]] | None  # per second: "valence", "arousal"
     lipscore: np.ndarray | None = None  # (frames,) cosine similarity to the ground truth, NaN where not compared
     lipscore_blocks: int | None = None
+    lipscore_mouth_crop: str | None = None  # keyface.evaluate.mouth.MEAN_FACE_CROP or FIVE_LANDMARK_CROP
+    lipscore_mouth_crop_fallback: str | None = None  # why the five-landmark crop was used
     skipped: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
@@ -108,6 +112,8 @@ class EvaluationReport:
             "mean": _number(np.mean(self.lipscore[compared])) if compared.any() else None,
             "frames_compared": int(compared.sum()),
             "encoder_blocks": self.lipscore_blocks,
+            "mouth_crop": self.lipscore_mouth_crop,
+            "mouth_crop_fallback": self.lipscore_mouth_crop_fallback,
             "per_second": _numbers(signals.per_period(self.lipscore, round(self.fps))),
         }
 
@@ -271,26 +277,75 @@ class _SyncWindows:
         self._crops.clear()
 
 
+class _LipScorePairs:
+    """The generated and the ground-truth video's mouth squares, paired by frame index as their two croppers
+    release them (each a few frames late, :mod:`keyface.evaluate.mouth`), scored by ``scorer``. A square waits
+    only until the other video's cropper has released the same index or the other video has ended."""
+
+    def __init__(self, scorer, make_cropper) -> None:
+        self.scorer = scorer
+        self.croppers = (make_cropper(), make_cropper())  # generated, ground truth
+        self._waiting: tuple[dict[int, Any], dict[int, Any]] = ({}, {})
+        self._ended = [False, False]
+
+    def add(self, tracked, real) -> None:
+        """One generated frame and the ground truth's frame of the same index (None once it has ended)."""
+        if real is None:
+            self._end(1)
+        else:
+            self._take(1, self.croppers[1].push(real))
+        self._take(0, self.croppers[0].push(tracked))
+
+    def finish(self) -> None:
+        self._end(1)
+        self._end(0)
+        self.scorer.flush()
+
+    def _end(self, side: int) -> None:
+        if not self._ended[side]:
+            self._take(side, self.croppers[side].finish())
+            self._ended[side] = True
+            self._waiting[1 - side].clear()
+
+    def _take(self, side: int, released) -> None:
+        waiting, other = self._waiting[side], self._waiting[1 - side]
+        for index, square in released:
+            if index in other:
+                match = other.pop(index)
+                if square is not None and match is not None:
+                    generated, real = (square, match) if side == 0 else (match, square)
+                    self.scorer.add(index, generated, real)
+            elif not self._ended[1 - side]:
+                waiting[index] = square
+
+
 def _ground_truth(ground_truth: Any, options: EvaluationOptions, skipped: dict[str, str]):
-    """The LipScore scorer and the tracked ground-truth frames, or ``(None, None)`` (reason in ``skipped``).
+    """The LipScore pairs (scorer and mouth croppers), the tracked ground-truth frames and the mouth-crop
+    fallback reason, or ``(None, None, None)`` (reason in ``skipped``).
 
     ``ground_truth``: a video file (25 fps) or an iterable of uint8 RGB frames."""
     if ground_truth is None:
         skipped["lipscore"] = LIPSCORE_NEEDS_GROUND_TRUTH
-        return None, None
+        return None, None, None
     from .lipscore import LipScorer, load_vsr_encoder
+    from .mouth import load_mouth_cropper
 
     try:
         scorer = LipScorer(load_vsr_encoder(options.weights, options.lipscore_blocks), options.device)
     except KeyFaceError as error:
         skipped["lipscore"] = str(error)
-        return None, None
+        return None, None, None
+    make_cropper, fallback = load_mouth_cropper(options.weights, options.device)
+    if fallback is None:
+        logger.info("LipScore mouth crop: 68 FAN landmarks warped to the auto_avsr mean face (the paper's)")
+    else:
+        logger.warning("LipScore mouth crop: five MTCNN landmarks (not the paper's) because %s", fallback)
     if isinstance(ground_truth, (str, os.PathLike)):
         from ..media import iter_video_frames
 
         _check_fps(ground_truth, "ground truth")
         ground_truth = iter_video_frames(ground_truth)
-    return scorer, track_faces(ground_truth, options.detect_every)
+    return _LipScorePairs(scorer, make_cropper), track_faces(ground_truth, options.detect_every), fallback
 
 
 def _check_fps(path: str | os.PathLike, name: str):
@@ -353,7 +408,7 @@ def evaluate_frames(
     fps = float(VIDEO_FPS)
     skipped: dict[str, str] = {}
     embedder, scorer = _load_networks(options, skipped)
-    lip_scorer, real_frames = _ground_truth(ground_truth, options, skipped)
+    lip_pairs, real_frames, mouth_crop_fallback = _ground_truth(ground_truth, options, skipped)
     mfcc = None
     if waveform_16k is None:
         for name in ("mouth_audio_correlation", "syncnet"):
@@ -372,9 +427,8 @@ def evaluate_frames(
     frames_with_face = 0
     for tracked in track_faces(frames, options.detect_every):
         face, image = tracked.face, tracked.image
-        real = next(real_frames, None) if real_frames is not None else None
-        if lip_scorer is not None and face is not None and real is not None and real.face is not None:
-            lip_scorer.add(tracked.index, mouth_crop(image, face), mouth_crop(real.image, real.face))
+        if lip_pairs is not None:
+            lip_pairs.add(tracked, next(real_frames, None))
         mouth.append(mouth_openness(image, face) if face is not None else float("nan"))
         frames_with_face += face is not None
         if identity is not None:
@@ -385,9 +439,10 @@ def evaluate_frames(
         identity.flush()
     if sync is not None:
         sync.flush()
-    lipscore = None
-    if lip_scorer is not None:
-        lip_scorer.flush()
+    lipscore = lip_scorer = None
+    if lip_pairs is not None:
+        lip_pairs.finish()
+        lip_scorer = lip_pairs.scorer
         lipscore = np.full(len(mouth), np.nan)
         for index, value in lip_scorer.scores.items():
             lipscore[index] = value
@@ -429,6 +484,8 @@ def evaluate_frames(
         emotion=emotion,
         lipscore=lipscore,
         lipscore_blocks=None if lip_scorer is None else lip_scorer.encoder.config.blocks,
+        lipscore_mouth_crop=None if lip_pairs is None else lip_pairs.croppers[0].method,
+        lipscore_mouth_crop_fallback=mouth_crop_fallback,
         skipped=skipped,
         source=source,
     )

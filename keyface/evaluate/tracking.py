@@ -138,15 +138,14 @@ def syncnet_crop(image: np.ndarray, face: TrackedFace) -> np.ndarray:
     return _crop_resized(image, centre, half * (1 + SYNCNET_CROP_SCALE), SYNCNET_SIZE)
 
 
-# LipScore's mouth crop (see keyface.evaluate.lipscore): 96 x 96 around the mouth, centre 88 x 88, gray,
-# normalised as auto_avsr's test transform.
-MOUTH_CROP, MOUTH_INPUT = 96, 88
+# LipScore's fallback mouth crop (keyface.evaluate.mouth has the original's): 96 x 96 around the mouth.
+MOUTH_CROP = 96
 MOUTH_CROP_WIDTHS = 2.0  # crop side in mouth-corner distances (approximates the 68-landmark mean-face crop)
-MOUTH_PIXEL_MEAN, MOUTH_PIXEL_STD = 0.421, 0.165
 
 
 def mouth_crop(image: np.ndarray, face: TrackedFace) -> np.ndarray:
-    """The normalised 88 x 88 gray mouth crop of one frame, float32 (levelled, scaled to the mouth width)."""
+    """The ``(96, 96, 3)`` float32 RGB (0-255) mouth square of one frame from the five landmarks: levelled,
+    scaled so that its side is ``MOUTH_CROP_WIDTHS`` mouth-corner distances, centred on the corners' midpoint."""
     import cv2
 
     left, right = face.landmarks[3], face.landmarks[4]
@@ -160,9 +159,7 @@ def mouth_crop(image: np.ndarray, face: TrackedFace) -> np.ndarray:
     crop = cv2.warpAffine(
         image, matrix, (MOUTH_CROP, MOUTH_CROP), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE
     )
-    margin = (MOUTH_CROP - MOUTH_INPUT) // 2
-    gray = cv2.cvtColor(crop[margin : margin + MOUTH_INPUT, margin : margin + MOUTH_INPUT], cv2.COLOR_RGB2GRAY)
-    return ((gray.astype(np.float32) / 255.0 - MOUTH_PIXEL_MEAN) / MOUTH_PIXEL_STD).astype(np.float32)
+    return crop.astype(np.float32)
 
 
 def mouth_openness(image: np.ndarray, face: TrackedFace) -> float:
