@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--weights",
         type=Path,
         default=defaults.weights,
-        help=f"folder with arcface_r50.pth and syncnet_v2.model (default {defaults.weights})",
+        help=f"folder with the evaluation weights, e.g. arcface_r50.pth, syncnet_v2.model (default {defaults.weights})",
     )
     parser.add_argument(
         "--detect-every",

@@ -47,7 +47,7 @@ class EvaluationOptions:
 
     Attributes:
         weights: folder with the evaluation networks (``arcface_r50.pth``, ``syncnet_v2.model``, ...).
-        detect_every: run the face detector on every n-th frame, interpolate in between.
+        detect_every: run the face detector (and, for LipScore, FAN) on every n-th frame, interpolate in between.
         sync_window: frames per SyncNet window (LSE-C / LSE-D over time).
         correlation_window: frames per window of the mouth-open / audio-energy correlation.
         max_offset: frames searched on each side for the best audio offset (both sync measures).
@@ -294,7 +294,8 @@ class _LipScorePairs:
             self._end(1)
         else:
             self._take(1, self.croppers[1].push(real))
-        self._take(0, self.croppers[0].push(tracked))
+        if not self._ended[1] or self._waiting[1]:  # else nothing is left to compare with (no landmarks to run)
+            self._take(0, self.croppers[0].push(tracked))
 
     def finish(self) -> None:
         self._end(1)
