@@ -34,6 +34,7 @@ from keyface.evaluate.mouth import (
     mean_face_mouth,
     mean_face_transform,
 )
+from keyface.evaluate.tracking import TrackedFace, TrackedFrame
 
 TINY_FAN = FanConfig(features=32, stem=8, stem_features=16)
 TINY_VSR = VsrEncoderConfig(
@@ -191,6 +192,36 @@ def test_a_frame_warped_with_a_known_transform_is_mapped_back_onto_the_mean_face
     assert np.abs(square - expected).mean() < 1.0 and np.abs(square - expected).max() < 8.0
 
 
+def test_the_streamed_cropper_fills_in_frames_between_detections():
+    """A still face warped off the mean face, with landmarks (a stand-in FAN giving the true ones) on every 5th
+    frame only: every frame's square is the mean face's mouth square, released in order."""
+    mean_face = _synthetic_mean_face()
+    ys, xs = np.mgrid[0:256, 0:256].astype(np.float32)
+    texture = np.repeat((127 + 100 * np.sin(xs / 9) * np.cos(ys / 7))[..., None], 3, axis=-1)
+    to_frame = _similarity(0.8, -8.0, (30.0, 40.0))
+    frame = cv2.warpAffine(texture, to_frame, (300, 300), flags=cv2.INTER_LINEAR)
+
+    class TrueLandmarks:
+        calls = 0
+
+        def landmarks(self, image, box):
+            TrueLandmarks.calls += 1
+            return _apply(to_frame, mean_face)
+
+    cropper = MeanFaceMouths(TrueLandmarks(), mean_face)
+    face = TrackedFace(np.array([80.0, 80, 120, 120]), np.zeros((5, 2)), True)
+    between = TrackedFace(face.box, face.landmarks, False)
+    released = []
+    for index in range(23):
+        released += cropper.push(TrackedFrame(index, frame, face if index % 5 == 0 else between))
+    released += cropper.finish()
+    assert [index for index, _ in released] == list(range(23)) and TrueLandmarks.calls == 5
+    x0, y0 = np.round(mean_face[48:68].mean(axis=0) - 48).astype(int)
+    expected = texture[y0 : y0 + 96, x0 : x0 + 96]
+    for _, square in released:
+        assert np.abs(square - expected).mean() < 1.0
+
+
 # ------------------------------------------------------------------------------------------------ smoothing
 
 
@@ -308,6 +339,12 @@ def test_report_says_which_mouth_crop_lipscore_used(lipscore_folder, portrait_pa
     assert line.levelno == logging.INFO and "mean face" in line.getMessage()
     # FAN ran on the detected frames 0, 5, 10; the others were filled in; every frame was compared
     assert original["frames_compared"] == len(frames) and original["mean"] == pytest.approx(1.0, abs=1e-5)
+
+    shorter = evaluate_frames(
+        iter(frames), None, ground_truth=iter(frames[:8]), options=EvaluationOptions(weights=full)
+    )
+    assert shorter.to_dict()["lipscore"]["frames_compared"] == 8 and np.isnan(shorter.lipscore[8:]).all()
+    assert "shorter" in shorter.skipped["lipscore_frames"]
 
     fallback, line = lipscore(vsr_only)
     assert fallback["mouth_crop"] == FIVE_LANDMARK_CROP and "2dfan2.pth" in fallback["mouth_crop_fallback"]
