@@ -3,8 +3,8 @@
 :func:`evaluate_file` (a video file) and :func:`evaluate_frames` (frames + audio, e.g. from ComfyUI) return
 an :class:`EvaluationReport`: plain per-second / per-window numbers (JSON-ready) and the list of what was
 skipped and why. Per frame only scalars are kept (mouth openness, identity similarity); frames, crops and
-network features live only for one SyncNet window (``sync_window`` frames), so memory does not grow with
-the length of the video. The audio track is decoded whole (16 kHz mono: 3.8 MB per minute).
+network features live only for one SyncNet window (``sync_window`` frames), LipScore's mouth-crop window
+(:mod:`keyface.evaluate.mouth`) and encoder chunk, so memory does not grow with the length of the video. The audio track is decoded whole (16 kHz mono: 3.8 MB per minute).
 """
 
 from __future__ import annotations
