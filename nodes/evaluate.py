@@ -39,8 +39,9 @@ class KeyFaceEvaluate(io.ComfyNode):
                 "Measures a generated talking-head video: identity similarity to the reference over time (drift per "
                 "minute), SyncNet LSE-C / LSE-D and a mouth-open vs audio-energy correlation over time, and the "
                 "emotion curve stored in the file, and LipScore against a real video. Weights are read from "
-                "models/keyface/eval (arcface_r50.pth, syncnet_v2.model, vsr_trlrs2lrs3vox2avsp_base_updated.pth); "
-                "measures whose weights are missing are skipped and listed in the report."
+                "models/keyface/eval (arcface_r50.pth, syncnet_v2.model, vsr_trlrs2lrs3vox2avsp_base_updated.pth; "
+                "2dfan2.pth and 20words_mean_face.npy give LipScore the paper's mouth crop); measures whose weights "
+                "are missing are skipped and listed in the report."
             ),
             inputs=[
                 io.String.Input(
