@@ -19,7 +19,12 @@ Each length runs in a fresh child process (cold feature cache, own job folder) w
 A background sampler records the largest RSS seen in each phase, to show what grows with the length.
 
 stdout: one JSON object per line, e.g. ``{"metric": "pipeline_10s_mux_s", "value": 4.3, "peak_rss_mb": 902.2}``,
-ending with ``{"metric": "peak_rss_ratio_3600s_vs_10s", "value": ...}`` (longest vs shortest); stderr: a table.
+ending with ``{"metric": "peak_rss_ratio_3600s_vs_10s", "value": ...}`` (longest vs shortest, after the longest
+vs each other length); stderr: a table.
+
+Clips up to the encoders' window (``WindowConfig.window_seconds``, 60 s) are encoded in one pass, longer ones a
+window at a time: the peak steps up once, up to a full window, then should stay flat. Include 60 among the lengths
+to tell that step (``..._vs_10s``) from growth with the length (``..._vs_60s``).
 
     python bench/pipeline.py --seconds 10 3600                       # parts, 10 s and one hour
     python bench/pipeline.py --scope generate --seconds 10 300 --segments-per-call 4
@@ -277,10 +282,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keyface-bench-") as work:
         for seconds in args.seconds:
             results[seconds] = run_length(seconds, args, models, Path(work))
-    shortest, longest = min(results), max(results)
+    longest = max(results)
     peak = {s: results[s][f"pipeline_{s:g}s_peak_rss_mb"]["value"] for s in results}
-    if longest != shortest:
-        emit(f"peak_rss_ratio_{longest:g}s_vs_{shortest:g}s", peak[longest] / peak[shortest])
+    for seconds in sorted(results, reverse=True)[1:]:  # against each shorter length; the shortest last
+        emit(f"peak_rss_ratio_{longest:g}s_vs_{seconds:g}s", peak[longest] / peak[seconds])
     if args.scope == "parts":
         print(f"\n{'phase':>16}" + "".join(f"{s:>12g} s" for s in results), file=sys.stderr)
         for phase in PART_PHASES:
