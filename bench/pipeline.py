@@ -243,6 +243,8 @@ def run_length(seconds: float, args, models: Path, work: Path) -> dict[str, dict
         args.scope,
     ]
     env = {**os.environ, "KEYFACE_CACHE_DIR": str(folder / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     metrics = {}
     for line in result.stdout.splitlines():
@@ -260,6 +262,14 @@ def main() -> None:
     parser.add_argument("--seconds", nargs="+", type=float, default=[10.0, 3600.0], help="lengths (default 10 3600)")
     parser.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per network call")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="bytes; sets glibc's MALLOC_MMAP_THRESHOLD_ in the runs, as a user can: blocks this large get their own "
+        "mapping, returned when freed (default: unset, glibc raises the threshold up to 32 MB and keeps freed "
+        "window-sized tensors in its heap)",
+    )
     parser.add_argument(
         "--scope",
         choices=("parts", "generate"),
