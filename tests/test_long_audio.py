@@ -1,5 +1,6 @@
-"""Long audio in flat memory: streamed decode and resampling, block-written memory-mapped features, the
-streamed AAC mux (keyface.audio.io.AudioFileStream / ResampleStream, keyface.audio.cache.FeatureFiles,
+"""Long audio in flat memory: streamed decode and resampling, the 16 kHz encoder input read slice by slice with
+chunked clip statistics, block-written memory-mapped features named by their cache entry in the job fingerprint,
+the streamed AAC mux (keyface.audio.io.AudioFileStream / ResampleStream / WaveformFile, keyface.audio.cache,
 keyface.video.StreamedAudioTrack)."""
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ import torch
 import torchaudio.functional
 
 from keyface.audio import AudioFeatureExtractor, FeatureCache, WindowConfig
+from keyface.audio.cache import FEATURE_ARRAYS, entry_digest, entry_tensor
+from keyface.audio.encoders import STATISTICS_CHUNK_SAMPLES
 from keyface.audio.io import (
     AudioFileStream,
     ResampleStream,
+    WaveformFile,
     encoder_waveform_blocks,
     load_audio,
     to_encoder_waveform,
 )
+from keyface.audio.speech_encoder import WaveformNormalisation
+from keyface.jobs import tensor_digest
 from keyface.media import probe_media, samples_for_frames
-from tests.test_audio_features import tiny_encoders
+from keyface.pipeline import Conditioning
+from tests.test_audio_features import speech_like, tiny_encoders
 
 RATE = 44_100
 
@@ -138,3 +145,104 @@ def test_mux_of_a_long_track_holds_bounded_memory(tmp_path):
     print(f"mux peak RSS: 20 s {peaks[20]:.1f} MB, 120 s {peaks[120]:.1f} MB, growth {growth:.1f} MB")
     # holding the track whole (float32 stereo: 42 MB at 120 s, 35 MB more than at 20 s) would show here
     assert growth < 20, peaks
+
+
+def write_raw_waveform(path: Path, waveform: torch.Tensor, padded: int) -> WaveformFile:
+    """``waveform`` as a raw float32 file, sparse zero padding to ``padded`` samples (as the extractor stages it)."""
+    with open(path, "wb") as file:
+        file.write(waveform.numpy().astype("<f4").tobytes())
+        file.truncate(4 * padded)
+    return WaveformFile(path, padded)
+
+
+def test_waveform_file_slices_read_exactly_those_samples(tmp_path):
+    waveform = speech_like(50_000)
+    stored = write_raw_waveform(tmp_path / "wave.f32", waveform, 60_000)
+    assert stored.shape == (60_000,) and len(stored.head(45_000)) == 45_000
+    torch.testing.assert_close(stored[1_234:40_321], waveform[1_234:40_321], rtol=0, atol=0)
+    assert torch.equal(stored[49_990:50_010][10:], torch.zeros(10))  # the sparse padding reads as zeros
+    assert stored.head(45_000)[44_990:50_000].shape == (10,)  # a head view ends where it says
+    with pytest.raises(OSError, match="fewer than"):
+        WaveformFile(tmp_path / "wave.f32", 70_000)[65_000:70_000]
+
+
+def test_chunked_clip_statistics_equal_the_whole_clip_ones(tmp_path):
+    """Waveform normalisation and first-layer group-norm statistics read chunk by chunk (25 s: 3 chunks of
+    STATISTICS_CHUNK_SAMPLES) from a tensor or a WaveformFile equal the whole-clip values."""
+    num_valid, padded = 25 * 16_000 + 77, 25 * 16_000 + 640
+    waveform = speech_like(num_valid, seed=3) + 0.05  # a mean that is not zero
+    assert num_valid > 2 * STATISTICS_CHUNK_SAMPLES
+    stored = write_raw_waveform(tmp_path / "wave.f32", waveform, padded)
+    in_memory = torch.cat([waveform, torch.zeros(padded - num_valid)])
+    _, _, wav2vec2 = tiny_encoders()
+    assert wav2vec2.normalisation.valid_only and isinstance(wav2vec2._first_norm, torch.nn.GroupNorm)
+    from_file = wav2vec2.clip_statistics(stored, num_valid, windowed=True)
+    from_tensor = wav2vec2.clip_statistics(in_memory, num_valid, windowed=True)
+    assert (from_file.wave_mean, from_file.wave_scale) == (from_tensor.wave_mean, from_tensor.wave_scale)
+    assert torch.equal(from_file.conv0_mean, from_tensor.conv0_mean)
+    assert torch.equal(from_file.conv0_rstd, from_tensor.conv0_rstd)
+
+    exact = waveform.double()  # the whole clip at once, float64
+    assert from_file.wave_mean == pytest.approx(float(exact.mean()), rel=1e-12, abs=1e-15)
+    expected_scale = 1.0 / np.sqrt(float(exact.var(unbiased=True)) + wav2vec2.normalisation.eps)
+    assert from_file.wave_scale == pytest.approx(expected_scale, rel=1e-12)
+    # and the former whole-tensor float32 computation, within its own rounding
+    assert abs(from_file.wave_mean - float(waveform.mean())) < 1e-7
+    former_scale = 1.0 / np.sqrt(float(waveform.var(unbiased=True)) + wav2vec2.normalisation.eps)
+    assert from_file.wave_scale == pytest.approx(former_scale, rel=1e-5)
+
+    biased = WaveformNormalisation(unbiased=False, eps=1e-5, valid_only=False)  # WavLM Large: whole padded input
+    wav2vec2.normalisation = biased
+    over_padding = wav2vec2.clip_statistics(stored, num_valid, windowed=False)
+    assert over_padding.wave_mean == pytest.approx(float(in_memory.double().mean()), rel=1e-12)
+    assert over_padding.wave_scale == pytest.approx(
+        1.0 / np.sqrt(float(in_memory.double().var(unbiased=False)) + 1e-5), rel=1e-12
+    )
+
+
+def resident_mb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="resident size is read from /proc (Linux)")
+def test_job_digest_of_cached_features_reads_nothing(tmp_path):
+    """A job names features straight from the cache by their entry: the 128 MB memory map stays unread (hashing
+    it, as before, kept all of it resident), reopening gives the same name (resume), a changed copy is hashed."""
+    cache = FeatureCache(tmp_path / "cache")
+    frames, width = 40_000, 400  # 128 MB per array, about 1.2 h of frames
+    shapes = dict.fromkeys(FEATURE_ARRAYS, (frames, 2, width))
+    with cache.write("entry", shapes, {"format": "test"}) as files:
+        for name in FEATURE_ARRAYS:
+            files.set_columns(name, 7, 0, np.full((3, width), 0.5, np.float32))
+
+    def conditioning():
+        arrays, meta = cache.open("entry")
+        keyframe, interpolation = (entry_tensor(arrays[name], "entry", name, meta) for name in FEATURE_ARRAYS)
+        emotion = torch.zeros(frames)
+        return Conditioning(torch.zeros(1, 4, 8, 8), keyframe, interpolation, emotion, emotion)
+
+    first = conditioning()
+    before = resident_mb()
+    digests = first.digests()
+    assert resident_mb() - before < 20, "the digest read the memory-mapped features"
+    assert digests["keyframe_audio"] != digests["interpolation_audio"]
+    again = conditioning().digests()
+    assert again == digests  # the same entry opened again: the same job folder
+
+    assert entry_digest(first.keyframe_audio[:100]) is None  # a slice is another tensor: hashed
+    first.keyframe_audio[7, 0, 0] = 2.0  # changed in place (copy-on-write map): hashed, not trusted
+    assert entry_digest(first.keyframe_audio) is None
+    changed = first.digests()
+    assert changed["keyframe_audio"] != digests["keyframe_audio"]
+    assert changed["keyframe_audio"] == tensor_digest(first.keyframe_audio)
+
+
+def test_features_from_the_cache_name_the_job_by_their_entry(tmp_path):
+    path = write_stereo_wav(tmp_path / "speech.wav", 3.0)
+    extractor = AudioFeatureExtractor(*tiny_encoders(), cache=FeatureCache(tmp_path / "cache"))
+    features = extractor.extract(path)
+    key = features.cache_path.name
+    assert entry_digest(features.keyframe).startswith(f"feature-cache:{key}:keyframe:")
+    assert entry_digest(features.interpolation).startswith(f"feature-cache:{key}:interpolation:")
+    assert entry_digest(extractor.extract(path).keyframe) == entry_digest(features.keyframe)  # cache hit
+    assert entry_digest(AudioFeatureExtractor(*tiny_encoders(), cache=None).extract(path).keyframe) is None

@@ -11,6 +11,11 @@ and renamed when complete, so an interrupted extraction leaves
 nothing usable behind. The cache is capped: after each write the least recently used entries are deleted
 until the total size is under ``max_bytes`` (the entry just written is always kept, even when it alone is
 larger). Default folder: ``features/`` under :func:`keyface.paths.default_cache_root`.
+
+An entry's arrays never change once it is complete, so the tensors made of them (:func:`entry_tensor`) carry
+an identity, :func:`entry_digest` (the key, the array name and the entry's creation time): the pipeline's job
+fingerprint uses it instead of hashing the arrays, which would read every page of the map and keep it resident
+(2.2 GB per hour of audio with the released encoders).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..paths import default_cache_root
 
@@ -32,6 +39,9 @@ DEFAULT_MAX_BYTES = 8 * 1024**3  # about 3.5 hours of audio with the full-size e
 FEATURE_ARRAYS = ("keyframe", "interpolation")
 _META = "meta.json"
 _PARTIAL = ".partial-"
+# id of a live tensor from entry_tensor -> (its entry digest, its version counter then or None); removed when
+# the tensor is freed (before its id can be reused)
+_ENTRY_TENSORS: dict[int, tuple[str, int | None]] = {}
 
 
 def default_cache_dir() -> Path:
@@ -120,6 +130,28 @@ class FeatureCache:
         """Delete every entry."""
         for entry, _, _ in self.entries():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def entry_tensor(array: np.ndarray, key: str, name: str, meta: dict) -> torch.Tensor:
+    """Array ``name`` of entry ``key`` (memory-mapped by :meth:`FeatureCache.open`) as a tensor sharing its memory,
+    known to :func:`entry_digest` while it lives."""
+    tensor = torch.from_numpy(array)
+    version = None if tensor.is_inference() else tensor._version  # inference tensors keep no version counter
+    _ENTRY_TENSORS[id(tensor)] = (f"feature-cache:{key}:{name}:{meta.get('created')}", version)
+    weakref.finalize(tensor, _ENTRY_TENSORS.pop, id(tensor), None)
+    return tensor
+
+
+def entry_digest(values: object) -> str | None:
+    """The identity of ``values`` if it is a tensor from :func:`entry_tensor`, unchanged (not modified in place,
+    as far as its version counter tells), else ``None``. Slices and copies are new tensors: ``None``."""
+    known = _ENTRY_TENSORS.get(id(values))
+    if known is None:
+        return None
+    digest, version = known
+    if version is not None and values._version != version:
+        return None
+    return digest
 
 
 class FeatureFiles:

@@ -152,7 +152,8 @@ def encode_blocks(
 
     Args:
         encoder: the encoder.
-        waveform: the 16 kHz input exactly as the encoder sees it (already padded).
+        waveform: the 16 kHz input exactly as the encoder sees it (already padded): a ``(samples,)`` tensor or
+            a :class:`~keyface.audio.io.WaveformFile` (only sliced, a window or statistics chunk at a time).
         num_valid: samples of real audio before the zero padding (for clip statistics); default all.
         window: window sizes; default :class:`WindowConfig()`.
         progress: called ``progress(done, total)`` after each window; it may raise to stop the work.

@@ -17,7 +17,8 @@ Clips too short for BEATs' first 16x16 patch (under 2800 samples, 0.175 s; the o
 zero-padded to that length for BEATs only, so any clip of at least one sample gives features (F >= 1).
 
 Long audio is encoded window by window (:mod:`keyface.audio.encoders`) from a 16 kHz file the input is
-streamed into, and written block by block into ``.npy`` files; with a :class:`~keyface.audio.cache.FeatureCache`
+streamed into (read slice by slice: :class:`~keyface.audio.io.WaveformFile`), and written block by block into
+``.npy`` files; with a :class:`~keyface.audio.cache.FeatureCache`
 they are memory-mapped on return, so the pipeline can slice ``features.keyframe[a:b]`` chunk by chunk without
 the whole array in RAM.
 """
@@ -39,12 +40,13 @@ import torch
 from ..constants import SAMPLES_PER_FRAME
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..files import file_identity
-from .cache import FEATURE_ARRAYS, FeatureCache, FeatureFiles
+from .cache import FEATURE_ARRAYS, FeatureCache, FeatureFiles, entry_tensor
 from .encoders import AudioEncoder, WindowConfig, encode_blocks, plan_windows
 from .io import (
     CHANNEL_MODES,
     AudioClip,
     AudioFileStream,
+    WaveformFile,
     as_audio_clip,
     encoder_waveform_blocks,
     num_video_frames,
@@ -255,10 +257,9 @@ class AudioFeatureExtractor:
                     raise OSError(f"the feature cache entry {cache.root / key} could not be written")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        arrays, _ = opened
-        return AudioFeatures(
-            torch.from_numpy(arrays["keyframe"]), torch.from_numpy(arrays["interpolation"]), mode, cache.root / key
-        )
+        arrays, meta = opened
+        keyframe, interpolation = (entry_tensor(arrays[name], key, name, meta) for name in FEATURE_ARRAYS)
+        return AudioFeatures(keyframe, interpolation, mode, cache.root / key)
 
     def unload(self) -> None:
         """Drop the loaded encoders (frees their memory); encoders given as paths are loaded again when needed."""
@@ -288,10 +289,11 @@ class AudioFeatureExtractor:
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
-    def _stage_waveform(self, pieces, path: Path, mode: str) -> tuple[torch.Tensor, int, str]:
+    def _stage_waveform(self, pieces, path: Path, mode: str) -> tuple[WaveformFile, int, str]:
         """Write the 16 kHz waveform arriving in ``pieces`` to ``path``, zero-padded to the longest encoder
-        input, hashing it on the way: returns it memory-mapped (read-only use), its real length and the cache
-        key (equal to :meth:`cache_key` of the whole waveform)."""
+        input, hashing it on the way: returns it as a :class:`WaveformFile` (read slice by slice, so memory
+        holds a window, not the waveform), its real length and the cache key (equal to :meth:`cache_key` of
+        the whole waveform)."""
         digest = self._key_digest(mode)
         num_valid = 0
         with open(path, "wb") as file:
@@ -304,8 +306,7 @@ class AudioFeatureExtractor:
                 raise InputError(f"{path}: no audio samples to encode")
             length = max(self._input_lengths(num_video_frames(num_valid)))
             file.truncate(4 * length)  # the encoders' zero padding, sparse
-        mapped = np.memmap(path, dtype=np.float32, mode="c", shape=(length,))
-        return torch.from_numpy(mapped), num_valid, digest.hexdigest()[:40]
+        return WaveformFile(path, length), num_valid, digest.hexdigest()[:40]
 
     def _plans(self):
         """Per encoder: (encoder, pad to an even frame count and resample its sequence, [(array, first column)])."""
@@ -323,7 +324,7 @@ class AudioFeatureExtractor:
             for encoder, even, _ in self._plans()
         ]
 
-    def _fill(self, files: FeatureFiles, waveform: torch.Tensor, num_valid: int, frames: int, progress) -> None:
+    def _fill(self, files: FeatureFiles, waveform: WaveformFile, num_valid: int, frames: int, progress) -> None:
         """Encode ``waveform`` (``num_valid`` real samples, then zeros at least as long as every encoder input)
         with the three encoders, writing each one's sub-frames into its columns, block by block."""
         plans = self._plans()
@@ -335,7 +336,7 @@ class AudioFeatureExtractor:
         subframes = SUBFRAMES_PER_FRAME * frames
         done = 0
         for length, count, (encoder, even, targets) in zip(input_lengths, counts, plans, strict=True):
-            x = waveform[:length]
+            x = waveform.head(length)
             if even:
                 sources = nearest_indices(
                     encoder.sequence_length(length), SUBFRAMES_PER_FRAME * _input_frames(frames, even)

@@ -288,6 +288,47 @@ def encoder_waveform_blocks(
         yield tail
 
 
+class WaveformFile:
+    """A float32 waveform ``(samples,)`` kept raw in a file (the 16 kHz encoder input of a streamed extraction).
+
+    Slicing ``waveform[a:b]`` reads those samples with an ordinary file read into a new tensor; nothing is
+    memory-mapped, so however many windows are read, the process holds only the slices it keeps (reading a
+    memory map leaves every page read resident). The file must hold ``num_samples`` samples; it may be
+    sparse (unwritten ranges read as zeros).
+
+    Args:
+        path: the raw little-endian float32 file.
+        num_samples: samples it holds (or the first of them this view covers).
+    """
+
+    def __init__(self, path: str | os.PathLike, num_samples: int):
+        self.path = Path(path)
+        self.num_samples = int(num_samples)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.num_samples,))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def head(self, num_samples: int) -> WaveformFile:
+        """The first ``num_samples`` samples, as a view of the same file (nothing read)."""
+        return WaveformFile(self.path, min(int(num_samples), self.num_samples))
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice):
+            raise TypeError("WaveformFile supports slices only, e.g. waveform[a:b]")
+        start, stop, step = index.indices(self.num_samples)
+        if step != 1:
+            raise ValueError("WaveformFile slices must have step 1")
+        count = max(0, stop - start)
+        samples = np.fromfile(self.path, dtype="<f4", count=count, offset=4 * start)
+        if samples.size != count:
+            raise OSError(f"{self.path}: holds fewer than {stop} samples")
+        return torch.from_numpy(samples.astype(np.float32, copy=False))
+
+
 class ResampleStream:
     """``torchaudio.functional.resample`` (its default filter) of a signal that arrives in pieces.
 

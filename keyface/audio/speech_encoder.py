@@ -100,11 +100,9 @@ class TransformersSpeechEncoder(AudioEncoder):
     def clip_statistics(self, waveform: torch.Tensor, num_valid: int, windowed: bool) -> _ClipStatistics:
         statistics = _ClipStatistics(num_valid)
         if self.normalisation is not None:
-            part = waveform[:num_valid] if self.normalisation.valid_only else waveform
-            variance = float(part.var(unbiased=self.normalisation.unbiased)) if part.numel() > 1 else 0.0
-            statistics = _ClipStatistics(
-                num_valid, float(part.mean()), 1.0 / math.sqrt(variance + self.normalisation.eps)
-            )
+            length = num_valid if self.normalisation.valid_only else int(waveform.shape[0])
+            mean, variance = _moments(waveform, length, self.normalisation.unbiased)
+            statistics = _ClipStatistics(num_valid, mean, 1.0 / math.sqrt(variance + self.normalisation.eps))
         if windowed and isinstance(self._first_norm, torch.nn.GroupNorm):
             mean, rstd = self._first_layer_statistics(waveform, statistics)
             statistics = _ClipStatistics(statistics.num_valid, statistics.wave_mean, statistics.wave_scale, mean, rstd)
@@ -165,3 +163,17 @@ class TransformersSpeechEncoder(AudioEncoder):
         mean = group_mean.repeat_interleave(per_channel)
         rstd = torch.rsqrt(group_var + norm.eps).repeat_interleave(per_channel)
         return mean.float(), rstd.float()
+
+
+def _moments(waveform, length: int, unbiased: bool) -> tuple[float, float]:
+    """Mean and variance of ``waveform[:length]`` (a tensor or a :class:`~keyface.audio.io.WaveformFile`), read
+    in chunks of :data:`STATISTICS_CHUNK_SAMPLES`: two passes in float64 (the sum, then the squared deviations
+    from the mean), so the result matches the whole-clip value to float64 rounding. Variance 0 for one sample."""
+    chunks = [
+        (begin, min(length, begin + STATISTICS_CHUNK_SAMPLES)) for begin in range(0, length, STATISTICS_CHUNK_SAMPLES)
+    ]
+    if length < 2:
+        return (float(waveform[:length].double().sum()), 0.0)
+    mean = sum(float(waveform[begin:end].double().sum()) for begin, end in chunks) / length
+    squares = sum(float((waveform[begin:end].double() - mean).square().sum()) for begin, end in chunks)
+    return mean, squares / (length - 1 if unbiased else length)
