@@ -13,12 +13,19 @@ finishes in a few minutes on a data-centre GPU and prints, one JSON object per l
 * ``segments_per_call``: the sweep (seconds per segment and peak memory for each count);
 * ``max_abs_diff``: one keyframe denoising step in fp16 / bf16 against fp32, same weights and inputs.
 
-On a CPU (``--device cpu``, the default without CUDA) the networks keep the official structure at reduced
-widths unless ``--model full`` (full-size init and steps take many minutes there; ``--model tiny``: the demo's), memory values are ``null``
-except the activation calibration (``activation_factor``, measured with
-:func:`keyface.memory.activation_peak_bytes`), and ``--size 64`` keeps it to about a minute::
+Every ``peak_bytes`` / ``segments_per_call`` line says what its memory value is (``measure``):
+``cuda_max_memory_allocated`` on CUDA; ``cpu_live_tensor_bytes`` on a CPU: the peak bytes of the tensors a step
+creates (:func:`keyface.memory.activation_peak_bytes`; the process's RSS barely moves, as the allocator reuses
+freed heap), with the weights each offload mode keeps on the device counted next to it.
 
-    python bench/device_check.py --device cpu --size 64 --precisions bf16
+On a CPU (``--device cpu``, the default without CUDA) the networks keep the official structure at reduced
+widths unless ``--model full`` (full-size init and steps take many minutes there; ``--model tiny``: the
+demo's); the precisions are fp32 (what ``auto`` runs there) and bf16, fp16 is skipped with a ``skipped`` line
+(:data:`CPU_SKIPPED`); steps run without a warm-up; the offload modes none / stage / sequential move nothing
+(one device) while ``stream`` runs its hooks. ``--size 64`` finishes every section in about two to four
+minutes on two cores::
+
+    python bench/device_check.py --device cpu --size 64
     python bench/device_check.py --time-budget 300 --sweep 1 2 4 8 16
 
 Weights are random (default init, seeded): nothing is read from disk. ``--time-budget`` skips what is left
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -46,7 +54,7 @@ from keyface.memory import (
     MemoryEstimate,
     activation_peak_bytes,
 )
-from keyface.models.bundle import OFFLOAD_MODES, KeyFaceModels, Residency
+from keyface.models.bundle import OFFLOAD_MODES, STEP_PARTS, KeyFaceModels, Residency
 from keyface.models.streaming import compute_device
 from keyface.sampling import AUTOGUIDANCE_SCALE, Autoguidance, KeyframeGuidance, ays_sigmas
 
@@ -55,6 +63,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # UNet levels 64/128/256/256 with heads of 16 channels, tokens / 4; VAE levels 32/64/128/128.
 UNET_WIDTH_DIVISOR = 5
 WIDTH_DIVISOR = 4
+# Left out of a CPU run by default: fp16 has no fast CPU kernels (a reduced-width step takes tens of seconds, and
+# up to 8x bf16's), and bf16 already shows what half precision changes; fp32 is what precision auto runs there.
+CPU_SKIPPED = {
+    "fp16": "fp16 on a CPU has no fast kernels (several times slower than bf16); bf16 stands for half "
+    "precision here, fp32 is what precision auto picks on a CPU; ask with --precisions fp16"
+}
 MID_SIGMA = 4.248  # a mid-schedule AYS level; the cost of a step does not depend on it
 
 
@@ -185,9 +199,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(run, device: torch.device, repeats: int) -> float:
-    """Fastest of ``repeats`` runs after one warm-up, in seconds."""
-    run()
+def timed(run, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Fastest of ``repeats`` runs after ``warmup`` untimed ones, in seconds."""
+    for _ in range(warmup):
+        run()
     best = math.inf
     for _ in range(repeats):
         synchronize(device)
@@ -217,38 +232,71 @@ def bundle_bytes_on(models: KeyFaceModels, device: torch.device) -> int:
 
 
 class Budget:
+    """The time left for the run (``seconds`` None: no limit)."""
+
     def __init__(self, seconds: float | None):
         self.deadline = None if seconds is None else time.perf_counter() + seconds
 
     def left(self) -> bool:
         return self.deadline is None or time.perf_counter() < self.deadline
 
+    def fits(self, seconds: float) -> bool:
+        """Whether work expected to take ``seconds`` ends before the deadline."""
+        return self.deadline is None or time.perf_counter() + seconds < self.deadline
 
-def peak_of(run, device: torch.device) -> int | None:
-    """Peak device bytes allocated while ``run`` runs (CUDA); None elsewhere."""
-    if device.type != "cuda":
+
+# What a memory value measures (the "measure" field of peak_bytes and segments_per_call lines).
+MEASURES = {
+    "cuda": "cuda_max_memory_allocated",
+    "cpu": "cpu_live_tensor_bytes",  # keyface.memory.activation_peak_bytes; weights counted, see check_offload_peaks
+}
+
+
+def peak_of(run, device: torch.device) -> tuple[int | None, float]:
+    """Peak memory while ``run`` runs once, and its seconds: on CUDA the peak bytes allocated on the device, on a
+    CPU the peak bytes of the tensors created inside and alive at once (:func:`activation_peak_bytes`: the
+    activations; the allocator reuses freed heap, so the process's RSS barely moves), elsewhere None. The CPU
+    tracker hooks every operator, so those seconds are not a clean step time."""
+    start = time.perf_counter()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         run()
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device)), time.perf_counter() - start
+    if device.type != "cpu":
+        run()
+        return None, time.perf_counter() - start
+    with activation_peak_bytes() as tracker:
+        run()
+    return tracker.peak, time.perf_counter() - start
 
 
-def check_offload_peaks(out, models, inputs, estimate: MemoryEstimate, device, precision: str, segments: int) -> None:
-    """Peak memory of each step under each offload mode (the bundle's own bytes: tensors outside it, such as
-    the float32 originals, are subtracted), next to the estimate."""
+def check_offload_peaks(
+    out, models, inputs, estimate: MemoryEstimate, device, precision: str, segments: int, warmup: int
+) -> None:
+    """Peak memory of each step under each offload mode next to the estimate; in mode ``stream`` also the weight
+    bytes the step asked the host to free for its blocks (``room_bytes``) and its seconds.
+
+    On CUDA the value is the device's peak less the tensors outside the bundle (such as the float32 originals).
+    On a CPU the compute and offload devices are one, so modes none / stage / sequential move nothing
+    (``moves_weights`` false: one computation, measured once per step) while ``stream`` runs its hooks and moves
+    every block "in" and "out" (a no-op there); the value is the weights the mode keeps on the compute device
+    (counted: all parts, the step's parts, or the streamed room) plus the measured activations
+    (``activation_bytes``)."""
     steps = {
         "identity": lambda: identity_step(models, inputs),
         "keyframes": lambda: keyframe_step(models, inputs),
         "segments": lambda: segment_step(models, inputs, segments),
         "decode": lambda: decode_step(models, inputs),
     }
+    unmoved: dict[str, tuple[int | None, float]] = {}  # step -> its measurement where nothing moves
     for mode in OFFLOAD_MODES:
         for module in models.parts().values():
             module.to(device if mode == "none" else "cpu")
-        models.residency = Residency(device, torch.device("cpu"), mode)
+        rooms: list[int] = []
+        models.residency = residency = Residency(device, torch.device("cpu"), mode, make_room=rooms.append)
         for step, run in steps.items():
 
             def inside(step=step, run=run) -> None:
@@ -258,22 +306,40 @@ def check_offload_peaks(out, models, inputs, estimate: MemoryEstimate, device, p
             outside = (
                 torch.cuda.memory_allocated(device) - bundle_bytes_on(models, device) if device.type == "cuda" else 0
             )
-            peak = peak_of(inside, device)
+            if residency.active or step not in unmoved:
+                measured = peak_of(inside, device)
+                if not residency.active:
+                    unmoved[step] = measured
+            peak, seconds = measured if residency.active else unmoved[step]
+            fields = {}
+            if device.type == "cpu":
+                weights = {"none": models.size_bytes(), "stream": rooms[-1] if rooms else 0}.get(
+                    mode, models.size_bytes(STEP_PARTS[step])
+                )
+                fields = {"activation_bytes": peak, "weight_bytes": weights}
+                peak = peak + weights
+            elif peak is not None:
+                peak -= outside
+            if mode == "stream":
+                fields["room_bytes"] = rooms[-1] if rooms else None
             resident = {"none": estimate.all_weights(), "stream": estimate.stream_weights(step)}.get(
                 mode, estimate.weights(step)
             )
             emit(
                 out,
                 "peak_bytes",
-                None if peak is None else peak - outside,
+                peak,
                 step=step,
                 offload=mode,
                 precision=precision,
                 segments_per_call=segments,
+                measure=MEASURES.get(device.type),
+                moves_weights=residency.active,
                 estimate_bytes=resident + estimate.activations(step, segments),
+                **fields,
             )
             if mode == "stream" and step in ("keyframes", "segments"):  # streaming's cost: every weight moves per call
-                seconds = timed(inside, device, 1)
+                seconds = timed(inside, device, 1, warmup)
                 emit(out, "step_s", seconds, step=step, offload=mode, precision=precision, segments_per_call=segments)
     models.residency = None
     for module in models.parts().values():
@@ -289,13 +355,8 @@ def calibrate_activations(out, models: KeyFaceModels, inputs: Inputs, estimate: 
         "identity": (lambda: identity_step(models, inputs), ENCODER_ACTIVATION_FACTOR),
     }
     for step, (run, factor) in checks.items():
-        if device.type == "cuda":
-            before = torch.cuda.memory_allocated(device)
-            measured = peak_of(run, device) - before
-        else:
-            with activation_peak_bytes() as tracker:
-                run()
-            measured = tracker.peak
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        measured = peak_of(run, device)[0] - before
         modelled = estimate.activations(step, 1)
         emit(
             out,
@@ -325,33 +386,22 @@ def compute_per_video_second(step_seconds: dict, segments: int, decode_frames: i
     return total / (frames / VIDEO_FPS)
 
 
-def activation_peak(run, device: torch.device) -> int | None:
-    """Peak bytes allocated above what was allocated before ``run`` (CUDA); None elsewhere."""
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    peak = peak_of(run, device)
-    return None if peak is None else peak - before
-
-
-def check_precision(out, models: KeyFaceModels, inputs: Inputs, reference, precision: str, args, budget) -> None:
-    """Everything measured per precision: the difference to fp32, step times, the sweep, offload peaks."""
+def segments_sweep(out, models, inputs, estimate, precision: str, counts, args, budget) -> dict[int, float]:
+    """Seconds per interpolation step for each of ``counts`` segments per call and its activation peak; a count
+    whose expected time (from the last one measured) would pass the deadline is skipped with a line."""
     device = _device_of(models.interpolation)
-    repeats, sweep = args.repeats, args.sweep
-    difference = (keyframe_step(models, inputs).float().cpu() - reference).abs().max().item()
-    emit(out, "max_abs_diff", difference, precision=precision, against="fp32", step="keyframes")
-    estimate = MemoryEstimate.for_models(models, args.decode_frames)
-    seconds = {
-        "keyframes": timed(lambda: keyframe_step(models, inputs), device, repeats),
-        "decode": timed(lambda: decode_step(models, inputs), device, repeats),
-    }
-    emit(out, "step_s", seconds["keyframes"], step="keyframes", precision=precision)
-    emit(out, "step_s", seconds["decode"], step="decode", precision=precision, frames=args.decode_frames)
-    per_call = {}
-    for segments in sweep:
-        if not budget.left():
-            emit(out, "skipped", f"segments_per_call {segments}", precision=precision, reason="time budget spent")
+    per_call: dict[int, float] = {}
+    for segments in counts:
+        runs = args.warmup + args.repeats + 1  # + the run that measures the peak
+        expected = runs * segments * min((t / n for n, t in per_call.items()), default=0.0)
+        if not budget.fits(expected):
+            reason = f"time budget: about {expected:.0f} s expected" if budget.left() else "time budget spent"
+            emit(out, "skipped", f"segments_per_call {segments}", precision=precision, reason=reason)
             continue
-        per_call[segments] = timed(lambda n=segments: segment_step(models, inputs, n), device, repeats)
-        activations = activation_peak(lambda n=segments: segment_step(models, inputs, n), device)
+        run = functools.partial(segment_step, models, inputs, segments)
+        per_call[segments] = timed(run, device, args.repeats, args.warmup)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        peak = peak_of(run, device)[0]
         emit(out, "step_s", per_call[segments], step="segments", precision=precision, segments_per_call=segments)
         emit(
             out,
@@ -360,9 +410,33 @@ def check_precision(out, models: KeyFaceModels, inputs: Inputs, reference, preci
             unit="s per segment per step",
             precision=precision,
             segments_per_call=segments,
-            activation_bytes=activations,
+            activation_bytes=None if peak is None else peak - before,
+            measure=MEASURES.get(device.type),
             estimate_activation_bytes=estimate.activations("segments", segments),
         )
+    return per_call
+
+
+def check_precision(out, models: KeyFaceModels, inputs: Inputs, reference, precision: str, args, budget) -> None:
+    """Everything measured per precision: the difference to fp32, step times, the smallest segments per call,
+    the offload peaks, then the rest of the sweep (as the time budget allows) and the compute per video second."""
+    device = _device_of(models.interpolation)
+    difference = (keyframe_step(models, inputs).float().cpu() - reference).abs().max().item()
+    emit(out, "max_abs_diff", difference, precision=precision, against="fp32", step="keyframes")
+    estimate = MemoryEstimate.for_models(models, args.decode_frames)
+    seconds = {
+        "keyframes": timed(functools.partial(keyframe_step, models, inputs), device, args.repeats, args.warmup),
+        "decode": timed(functools.partial(decode_step, models, inputs), device, args.repeats, args.warmup),
+    }
+    emit(out, "step_s", seconds["keyframes"], step="keyframes", precision=precision)
+    emit(out, "step_s", seconds["decode"], step="decode", precision=precision, frames=args.decode_frames)
+    smallest, *rest = sorted(args.sweep)
+    per_call = segments_sweep(out, models, inputs, estimate, precision, [smallest], args, budget)
+    if budget.left():
+        check_offload_peaks(out, models, inputs, estimate, device, precision, smallest, args.warmup)
+    else:
+        emit(out, "skipped", "offload peaks", precision=precision, reason="time budget spent")
+    per_call.update(segments_sweep(out, models, inputs, estimate, precision, rest, args, budget))
     for segments, step_seconds in per_call.items():
         emit(
             out,
@@ -371,8 +445,6 @@ def check_precision(out, models: KeyFaceModels, inputs: Inputs, reference, preci
             precision=precision,
             segments_per_call=segments,
         )
-    if budget.left():
-        check_offload_peaks(out, models, inputs, estimate, device, precision, min(sweep))
 
 
 def main(argv: list[str] | None = None, out=None) -> int:
@@ -380,7 +452,13 @@ def main(argv: list[str] | None = None, out=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512, help="frame size in pixels (default 512, the official)")
-    parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=("fp16", "bf16", "fp32"))
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=("fp16", "bf16", "fp32"),
+        help="network precisions to measure (default fp16 bf16 on CUDA; fp32 bf16 on a CPU, see CPU_SKIPPED)",
+    )
     parser.add_argument(
         "--model",
         choices=("full", "reduced", "tiny"),
@@ -390,6 +468,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     )
     parser.add_argument("--sweep", nargs="+", type=int, default=None, help="segments per call to try")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per step (the fastest is kept)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 on CUDA, 0 on a CPU)")
     parser.add_argument("--decode-frames", type=int, default=FRAMES_PER_CLIP, help="frames per VAE decode call")
     parser.add_argument("--time-budget", type=float, default=330.0, help="seconds; what is left is skipped")
     args = parser.parse_args(argv)
@@ -398,6 +477,10 @@ def main(argv: list[str] | None = None, out=None) -> int:
     model = args.model or ("full" if device.type == "cuda" else "reduced")
     args.sweep = args.sweep or ([1, 2, 4, 8, 16] if device.type == "cuda" else [1, 2])
     args.repeats = args.repeats or (3 if device.type == "cuda" else 1)
+    if args.warmup is None:  # CUDA: kernel selection and the allocator's first growth; a CPU has neither to amortise
+        args.warmup = 1 if device.type == "cuda" else 0
+    skipped = {} if args.precisions or device.type == "cuda" else CPU_SKIPPED
+    args.precisions = args.precisions or (["fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     budget = Budget(args.time_budget)
     started = time.perf_counter()
 
@@ -418,6 +501,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
     calibrate_activations(out, masters, inputs, MemoryEstimate.for_models(masters, args.decode_frames), device)
     reference = keyframe_step(masters, inputs).float().cpu()
 
+    for precision, reason in skipped.items():
+        emit(out, "skipped", precision, reason=reason)
     for precision in args.precisions:
         if budget.left():
             check_precision(out, in_precision(masters, DTYPES[precision]), inputs, reference, precision, args, budget)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "device_check.py"
 
@@ -50,17 +51,30 @@ def test_step_times_and_compute_per_video_second(lines):
     assert [line["segments_per_call"] for line in per_video] == [1, 2] and all(line["value"] > 0 for line in per_video)
 
 
-def test_memory_is_null_on_a_cpu_next_to_the_estimate(lines):
+def test_cpu_peaks_are_counted_weights_plus_measured_activations_next_to_the_estimate(lines):
     peaks = metric(lines, "peak_bytes")
     assert {(line["step"], line["offload"]) for line in peaks} == {
         (step, mode)
         for step in ("identity", "keyframes", "segments", "decode")
         for mode in ("none", "stage", "sequential", "stream")
     }
-    assert all(line["value"] is None and line["estimate_bytes"] > 0 for line in peaks)
+    for line in peaks:
+        assert line["measure"] == "cpu_live_tensor_bytes" and line["estimate_bytes"] > 0
+        assert line["activation_bytes"] > 0 and line["value"] == line["weight_bytes"] + line["activation_bytes"]
+        assert line["moves_weights"] == (line["offload"] == "stream")  # one device: only streaming's hooks move
+    by = {(line["step"], line["offload"]): line for line in peaks}
+    for step in ("identity", "keyframes", "segments", "decode"):
+        # nothing moves in these three modes on a CPU: one computation, measured once
+        assert len({by[step, mode]["activation_bytes"] for mode in ("none", "stage", "sequential")}) == 1
+        assert by[step, "none"]["weight_bytes"] > by[step, "stage"]["weight_bytes"]  # all parts vs the step's own
+        assert 0 < by[step, "stream"]["room_bytes"] == by[step, "stream"]["weight_bytes"]
+        assert by[step, "stream"]["room_bytes"] <= by[step, "stage"]["weight_bytes"]
     none = {line["step"]: line["estimate_bytes"] for line in peaks if line["offload"] == "none"}
     stage = {line["step"]: line["estimate_bytes"] for line in peaks if line["offload"] == "stage"}
-    assert all(none[step] > stage[step] for step in stage)  # all parts resident vs the step's own
+    assert all(none[step] > stage[step] for step in stage)
+    sweep = metric(lines, "segments_per_call")
+    assert all(line["measure"] == "cpu_live_tensor_bytes" and line["activation_bytes"] > 0 for line in sweep)
+    assert sweep[0]["activation_bytes"] < sweep[1]["activation_bytes"]  # two segments per call hold more
 
 
 def test_activation_calibration_is_close_to_the_constants(lines):
@@ -82,3 +96,38 @@ def test_a_spent_time_budget_skips_the_rest(device_check):
     assert device_check.main(argv, out=out) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["metric"] for line in lines] == ["setup", *["activation_factor"] * 4, "skipped", "total_s"]
+
+
+def test_a_default_cpu_run_measures_fp32_and_bf16_and_says_why_fp16_is_left_out(device_check):
+    out = io.StringIO()
+    argv = ["--device", "cpu", "--size", "64", "--model", "tiny", "--time-budget", "0"]
+    assert device_check.main(argv, out=out) == 0
+    skipped = [json.loads(line) for line in out.getvalue().splitlines() if '"skipped"' in line]
+    assert [line["value"] for line in skipped] == ["fp16", "fp32", "bf16"]
+    assert "no fast kernels" in skipped[0]["reason"] and skipped[1]["reason"] == "time budget spent"
+
+
+def test_the_sweep_skips_a_count_whose_expected_time_passes_the_deadline(device_check, monkeypatch):
+    budget = device_check.Budget(100.0)
+    assert budget.fits(50.0) and not budget.fits(150.0) and device_check.Budget(None).fits(1e9)
+    monkeypatch.setattr(device_check, "timed", lambda *args, **kwargs: 10.0)  # a step of one segment: 10 s
+    monkeypatch.setattr(device_check, "peak_of", lambda run, device: (1000, 0.0))
+    monkeypatch.setattr(device_check, "segment_step", lambda *args: None)
+
+    class Models:
+        interpolation = torch.nn.Linear(1, 1)
+
+    class Estimate:
+        def activations(self, step, segments):
+            return 1
+
+    class Args:
+        warmup, repeats = 0, 1
+
+    out = io.StringIO()
+    budget = device_check.Budget(50.0)  # 1 segment: 10 s; 4 segments: 2 runs x 4 x 10 s = 80 s > the 50 s left
+    per_call = device_check.segments_sweep(out, Models(), None, Estimate(), "fp32", [1, 4], Args(), budget)
+    assert set(per_call) == {1}
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines[-1]["metric"] == "skipped" and lines[-1]["value"] == "segments_per_call 4"
+    assert lines[-1]["reason"].startswith("time budget: about 80 s")

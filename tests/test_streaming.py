@@ -220,3 +220,51 @@ def test_comfyui_lowvram_streams_the_networks_after_freeing_their_room(comfy, mo
     assert rooms == [stream_layout([models.interpolation, models.autoguidance]).peak_bytes()]
     assert management.loads == []  # nothing loaded whole through load_models_gpu
     assert models.residency is None
+
+
+class FakePinning:
+    """Stands in for CUDA on this machine: ``Tensor.to("cuda")`` returns a copy that stays on the CPU, and
+    ``pin_memory`` / ``is_pinned`` record which host tensors were asked to be page-locked."""
+
+    def __init__(self, monkeypatch):
+        self.requests: list[tuple[int, ...]] = []
+        self.pinned: set[int] = set()
+        real_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if target is not None and torch.device(target).type == "cuda":
+                return tensor.clone()
+            return real_to(tensor, *args, **kwargs)
+
+        def pin_memory(tensor, *args):
+            self.requests.append(tuple(tensor.shape))
+            copy = tensor.clone()
+            self.pinned.add(copy.data_ptr())
+            return copy
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda tensor, *args: tensor.data_ptr() in self.pinned)
+
+
+def test_streamed_host_weights_are_pinned_once_and_only_for_a_cuda_device(monkeypatch):
+    from keyface.models.streaming import KeptWeights
+
+    pinning = FakePinning(monkeypatch)
+    block = torch.nn.Linear(3, 2)
+    weight, bias = block.weight.detach().clone(), block.bias.detach().clone()
+    shapes = sorted([(2, 3), (2,)])
+    moves = KeptWeights()
+    for _ in range(2):  # the CPU path never asks for page-locked memory
+        moves(block, torch.device("cpu"))
+        moves(block, torch.device("cpu"))
+    assert pinning.requests == []
+    moves = KeptWeights()
+    for _ in range(3):
+        moves(block, torch.device("cuda"), non_blocking=True)
+        assert block.weight.data_ptr() not in pinning.pinned  # the block computes on its device copy
+        moves(block, torch.device("cpu"))
+        assert {block.weight.data_ptr(), block.bias.data_ptr()} <= pinning.pinned  # the kept offload tensors
+    assert sorted(pinning.requests) == shapes  # pinned on the first move in, reused after
+    assert torch.equal(block.weight, weight) and torch.equal(block.bias, bias)

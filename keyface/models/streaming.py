@@ -7,7 +7,8 @@ weights it holds itself (e.g. a learned mask) are its ``rest``, on the device fo
 
 :class:`LayerStreamer` gives every block a forward pre-hook that moves it in and a forward hook that moves it
 out, so at most one block is resident, plus the next one when ``prefetch``: on CUDA the next block (in the order
-the blocks ran before) is copied on a side stream while the current one computes. Moving changes where the
+the blocks ran before) is copied on a side stream while the current one computes, from host memory pinned on
+the first move (:func:`host_copy`; only for a CUDA device, so CPU behaviour is unchanged). Moving changes where the
 weights are, never their values, so the frames equal those of whole-model residency. Code that places inputs
 asks :func:`compute_device`, not the weights, where a streamed network computes.
 
@@ -90,10 +91,19 @@ def stream_layout(modules: Iterable[nn.Module], max_block_elements: int = STREAM
     return layout
 
 
+def host_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The offload tensor kept while ``tensor``'s copy is on ``device``: for a CUDA device a CPU tensor is pinned
+    (page-locked) once, so every later copy in is an asynchronous DMA that the side stream overlaps with compute
+    (a pageable source makes the copy synchronous); anything else is kept as it is."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
+
+
 class KeptWeights:
     """The default move of a :class:`LayerStreamer`: moving a module in copies its weights to the device and keeps
-    the offload tensors; moving it out puts those back, so nothing is copied back (streamed weights never change)
-    and the host never waits for the device there."""
+    the offload tensors (pinned for CUDA: :func:`host_copy`); moving it out puts those back, so nothing is copied
+    back (streamed weights never change) and the host never waits for the device there."""
 
     def __init__(self):
         self._kept: dict[tuple[int, str], torch.Tensor] = {}  # (id(owner), name) -> offload tensor
@@ -109,7 +119,7 @@ class KeptWeights:
         key = (id(owner), name)
         if key in self._kept:
             return self._kept.pop(key)
-        self._kept[key] = tensor
+        self._kept[key] = tensor = host_copy(tensor, device)
         return tensor.to(device, non_blocking=non_blocking)
 
 
