@@ -19,6 +19,7 @@ from .common import (
     NodeProgress,
     check_widgets,
     node_function,
+    portrait_input,
     reporting,
     single_image,
 )
@@ -78,10 +79,9 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
             ),
             inputs=[
                 MODEL.Input("model", tooltip="The KeyFace models from the Model Loader."),
-                io.Image.Input(
-                    "image",
-                    tooltip="The portrait: one square face crop (KeyFace Crop Face). A "
-                    "non-square image is centre-cropped; a batch of several is refused.",
+                portrait_input(
+                    "The portrait: one square face crop (KeyFace Crop Face), or a video whose first frame is the "
+                    "portrait. A non-square image is centre-cropped; a batch of several is refused."
                 ),
                 AUDIO_FEATURES.Input(
                     "audio",
