@@ -264,11 +264,17 @@ class NodeProgress:
 
 
 @contextlib.contextmanager
-def reporting(job, progress: NodeProgress) -> Iterator[None]:
-    """Send ``job``'s progress events to this node's bar while the block runs (the job may be a cached
-    output of an earlier node, whose bar it would otherwise keep using)."""
+def reporting(job, progress: NodeProgress, *listeners: Callable) -> Iterator[None]:
+    """Send ``job``'s progress events to this node's bar, then to each of ``listeners``, while the block runs
+    (the job may be a cached output of an earlier node, whose bar it would otherwise keep using)."""
+
+    def on_event(event) -> None:
+        progress.on_event(event)
+        for listener in listeners:
+            listener(event)
+
     previous = job.progress_callback
-    job.progress_callback = progress.on_event
+    job.progress_callback = on_event if listeners else progress.on_event
     try:
         yield
     finally:
