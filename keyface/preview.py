@@ -4,8 +4,8 @@
 finished segments (and at most once per some seconds of wall time) it decodes the finished frames it has not shown
 yet (only the last :attr:`PreviewSettings.seconds` of them, every :attr:`PreviewSettings.frame_step`-th frame),
 keeps them downscaled in a ring of fixed size (:class:`FrameRing`: never the whole video), writes the ring as an
-animated WebP (atomically) and hands the file to the host's ``publish`` hook (ComfyUI: shown on the node). Without
-a host nothing is made: the hook is the host's.
+animated WebP (atomically) and hands the file to the host's ``publish`` hook (ComfyUI: shown on the node). The
+final preview, written by :meth:`SegmentPreview.finish`, is the host's to show. Without a host nothing is made.
 
 Finished segments are the ones in the job folder (made from the current keyframes): the preview reads them back
 from there, in frame order, up to the first one still missing, so it never starts work of its own.
@@ -13,6 +13,7 @@ from there, in frame order, up to the first one still missing, so it never start
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -166,10 +167,11 @@ class SegmentPreview:
         self._guarded(self._refresh_if_due)
 
     def finish(self) -> Path | None:
-        """The final preview (the last seconds of every finished frame), or None when there is nothing to show."""
+        """Write the final preview (the last seconds of every finished frame) and return it, not published: the
+        host shows it as the result (ComfyUI: the node's ``ui`` output). None when there is nothing to show."""
         if self._failed:
             return None
-        self._guarded(self._refresh)
+        self._guarded(functools.partial(self._refresh, publish=False))
         return self.files[-1] if self.files and not self._failed else None
 
     def _guarded(self, action: Callable[[], None]) -> None:
@@ -211,8 +213,8 @@ class SegmentPreview:
             done = frame.index + 1
         return max(done, self.ring.last_index + 1)
 
-    def _refresh(self) -> None:
-        """Decode the finished frames not shown yet (the last ones only), write and publish the preview."""
+    def _refresh(self, publish: bool = True) -> None:
+        """Decode the finished frames not shown yet (the last ones only), write the preview and publish it."""
         self._scan()
         self._last_time = self.clock()
         settings, stop = self.settings, self._finished_frames()
@@ -225,7 +227,7 @@ class SegmentPreview:
             return
         for index, picture in zip((frame.index for frame in wanted), self._decode(wanted), strict=True):
             self.ring.push(index, picture)
-        self._write()
+        self._write(publish)
 
     def _decode(self, frames: list) -> list[np.ndarray]:
         """Downscaled uint8 pictures of output ``frames`` (a frame two segments share: the first one's)."""
@@ -242,7 +244,7 @@ class SegmentPreview:
             pictures.extend(to_uint8(_downscale(pixels, self.settings.max_side)))
         return pictures
 
-    def _write(self) -> None:
+    def _write(self, publish: bool) -> None:
         self._written += 1
         path = self.folder / f"{self._name}_{self._written:05d}{PREVIEW_SUFFIX}"
         self.folder.mkdir(parents=True, exist_ok=True)  # ComfyUI empties its temp folder at start-up
@@ -250,4 +252,5 @@ class SegmentPreview:
         self.files.append(path)
         while len(self.files) > _KEPT_FILES:
             self.files.popleft().unlink(missing_ok=True)
-        self.publish(path)
+        if publish:
+            self.publish(path)

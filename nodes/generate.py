@@ -204,7 +204,7 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
                 "edited keyframe images (the sampler's keyframe_images after your edits, same count and order) "
                 "replace the keyframes that differ, so the motion follows a retouch. Outputs a video handle that "
                 "decodes frames on demand (never the whole video in RAM): connect to Video Combine or Video to "
-                "Images."
+                "Images. While it runs, it shows a short preview of the last finished seconds."
             ),
             inputs=[
                 KEYFRAMES.Input("keyframes", tooltip="The keyframes from the Keyframe Sampler."),

@@ -113,15 +113,17 @@ def test_an_animated_webp_is_written_atomically_and_reads_back(tmp_path):
 def test_previews_are_published_as_segments_finish(finished):
     segments = len(finished.job.schedule.segments)
     assert segments == 5
-    # one call per segment: at each call after the first a segment more is finished, and the final one
-    assert len(finished.published) == segments
+    # one call per segment: at each call after the first a segment more is finished; the final one is not
+    # published but returned (the host shows it as the result)
+    assert len(finished.published) == segments - 1
     counts = [len(frames) for _, frames, _, _ in finished.published]
     assert counts == sorted(counts) and counts[-1] == CAPACITY and counts[0] >= 6  # segment 0: frames 0, 2, ..12
     for path, frames, duration, _ in finished.published:
         assert frames[0].shape == (40, 40, 3) and duration == 80, path  # 64 px frames downscaled to 40
-    assert finished.final == finished.published[-1][0] and finished.final.is_file()
+    assert finished.final.is_file() and finished.final not in [path for path, *_ in finished.published]
+    assert len(read_webp(finished.final)[0]) == CAPACITY
     kept = sorted(finished.folder.iterdir())
-    assert kept == sorted(path for path, *_ in finished.published[-2:])  # older previews are removed
+    assert kept == sorted([finished.published[-1][0], finished.final])  # older previews are removed
 
 
 def test_the_final_preview_shows_the_last_finished_frames(finished):
@@ -148,8 +150,8 @@ def test_memory_and_decoding_are_bounded_by_the_ring(finished, models, tmp_path)
     decoder = CountingDecoder(models.decoder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "decoder", decoder)
-        assert late.finish() == published[0]
-    assert decoder.frames == CAPACITY and len(read_webp(published[0])[0]) == CAPACITY
+        final = late.finish()
+    assert published == [] and decoder.frames == CAPACITY and len(read_webp(final)[0]) == CAPACITY
 
 
 def test_a_preview_waits_for_its_interval_and_new_segments(finished, tmp_path):
@@ -239,13 +241,14 @@ def test_the_interpolator_shows_finished_segments_while_it_runs(keyframes, comfy
     monkeypatch.setattr(preview_module, "PreviewSettings", eager)
     result = run("KeyFaceKeyframeInterpolator", keyframes=keyframes, segments_per_call=1)
     messages = [message for message in comfyui.sent if message[0] == "executed"]
-    assert len(messages) == 2  # after the first segment, and the final preview
+    assert len(messages) == 1  # after the first segment; the final preview is the node's ui output
     for _, data, client in messages:
         assert (data["node"], data["prompt_id"], client) == ("9", "prompt-1", "client-1")
         (shown,) = data["output"]["images"]
         assert shown["type"] == "temp" and shown["subfolder"] == "" and data["output"]["animated"] == (True,)
-    final = messages[-1][1]["output"]
-    assert result["ui"] == final
+    final = result["ui"]
+    assert final["animated"] == (True,) and final["images"][0]["type"] == "temp"
+    assert final["images"][0]["filename"] != messages[0][1]["output"]["images"][0]["filename"]
     frames, _ = read_webp(comfyui.temp / final["images"][0]["filename"])
     assert len(frames) == 8 and frames[0].shape == (64, 64, 3)  # frames 0, 2, .. 14 of 15; 64 px kept
     (video,) = result["result"]
