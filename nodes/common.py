@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from comfy_api.v0_0_2 import Input, InputImpl, io
+
 import keyface
 from keyface.errors import InputError, KeyFaceError
 
@@ -154,12 +156,50 @@ def widget_problem(node_class, values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def portrait_input(tooltip: str) -> io.MultiType.Input:
+    """The ``image`` input of a node that takes the portrait: an ``IMAGE``, or a core ``VIDEO`` whose first frame
+    is the portrait (:func:`single_image`). Its classic type ``"IMAGE,VIDEO"`` still accepts every IMAGE link of
+    a workflow saved when it was ``IMAGE``."""
+    return io.MultiType.Input("image", types=[io.Image, io.Video], tooltip=tooltip)
+
+
+def first_video_frame(video, name: str):
+    """The first frame of a core ``VIDEO`` as uint8 RGB (H, W, 3). A file-backed video (``VideoFromFile``: a path or
+    an in-memory file) decodes that frame only, never the whole video; other videos hold their frames already."""
+    if isinstance(video, InputImpl.VideoFromFile):
+        frame = _first_decoded_frame(video.get_stream_source(), name)
+    else:
+        images = video.get_components().images
+        frame = image_to_uint8(images[0]) if images.ndim == 4 and images.shape[0] > 0 else None
+    if frame is None:
+        raise InputError(f"{name}: the connected video has no frames; connect a video with at least one, or an image")
+    return frame
+
+
+def _first_decoded_frame(source, name: str):
+    """The first picture of the video file ``source`` (a path or a file object), or None when it has none."""
+    import av
+
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                raise InputError(f"{name}: the connected video has no picture, only sound; connect one with frames")
+            for frame in container.decode(container.streams.video[0]):
+                return frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, OSError) as error:
+        raise InputError(f"{name}: the connected video cannot be read ({error}); check its file") from None
+    return None
+
+
 def single_image(image, name: str):
-    """One ComfyUI ``IMAGE`` (1, H, W, C) as uint8 RGB (H, W, 3); a missing input or a batch of several is refused."""
+    """The portrait of an ``image`` input as uint8 RGB (H, W, 3): a ComfyUI ``IMAGE`` (1, H, W, C), or the first
+    frame of a core ``VIDEO``; a missing input or a batch of several images is refused."""
     from keyface.identity import load_identity_image
 
     if image is None:
         raise InputError(f"{name}: no image is connected; connect a portrait (e.g. Load Image -> KeyFace Crop Face)")
+    if isinstance(image, Input.Video):
+        return load_identity_image(first_video_frame(image, name), name=name)
     if getattr(image, "ndim", 0) != 4:
         raise InputError(
             f"{name}: expected a ComfyUI IMAGE (batch, height, width, channels), got {type(image).__name__}"
@@ -224,11 +264,17 @@ class NodeProgress:
 
 
 @contextlib.contextmanager
-def reporting(job, progress: NodeProgress) -> Iterator[None]:
-    """Send ``job``'s progress events to this node's bar while the block runs (the job may be a cached
-    output of an earlier node, whose bar it would otherwise keep using)."""
+def reporting(job, progress: NodeProgress, *listeners: Callable) -> Iterator[None]:
+    """Send ``job``'s progress events to this node's bar, then to each of ``listeners``, while the block runs
+    (the job may be a cached output of an earlier node, whose bar it would otherwise keep using)."""
+
+    def on_event(event) -> None:
+        progress.on_event(event)
+        for listener in listeners:
+            listener(event)
+
     previous = job.progress_callback
-    job.progress_callback = progress.on_event
+    job.progress_callback = on_event if listeners else progress.on_event
     try:
         yield
     finally:

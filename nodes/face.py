@@ -14,6 +14,7 @@ from .common import (
     check_widgets,
     image_to_uint8,
     node_function,
+    portrait_input,
     single_image,
     uint8_to_image,
 )
@@ -43,7 +44,9 @@ class KeyFaceCropFace(io.ComfyNode):
                 "put the animated face back into the full picture. Takes one image: a batch of several is refused."
             ),
             inputs=[
-                io.Image.Input("image", tooltip="The portrait (any size or aspect ratio; one image)."),
+                portrait_input(
+                    "The portrait (any size or aspect ratio; one image), or a video: its first frame is the portrait."
+                ),
                 io.Combo.Input(
                     "mode",
                     options=list(CROP_MODES),

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from keyface.constants import VIDEO_FPS
 from keyface.errors import InputError
 
+from . import host
 from .common import (
     CATEGORY,
     NodeProgress,
     check_widgets,
     node_function,
+    portrait_input,
     reporting,
     single_image,
 )
@@ -78,10 +80,9 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
             ),
             inputs=[
                 MODEL.Input("model", tooltip="The KeyFace models from the Model Loader."),
-                io.Image.Input(
-                    "image",
-                    tooltip="The portrait: one square face crop (KeyFace Crop Face). A "
-                    "non-square image is centre-cropped; a batch of several is refused.",
+                portrait_input(
+                    "The portrait: one square face crop (KeyFace Crop Face), or a video whose first frame is the "
+                    "portrait. A non-square image is centre-cropped; a batch of several is refused."
                 ),
                 AUDIO_FEATURES.Input(
                     "audio",
@@ -203,7 +204,7 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
                 "edited keyframe images (the sampler's keyframe_images after your edits, same count and order) "
                 "replace the keyframes that differ, so the motion follows a retouch. Outputs a video handle that "
                 "decodes frames on demand (never the whole video in RAM): connect to Video Combine or Video to "
-                "Images."
+                "Images. While it runs, it shows a short preview of the last finished seconds."
             ),
             inputs=[
                 KEYFRAMES.Input("keyframes", tooltip="The keyframes from the Keyframe Sampler."),
@@ -286,15 +287,34 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
             interpolation_seed=None if seed == sampled.settings.seed else seed,
         )
         progress = NodeProgress()
+        preview = segment_preview(job)
         with keyframes.bundle.on_device():
             if edited_keyframes is not None:
                 apply_edits(job, keyframes, edited_keyframes)
-            with reporting(job, progress):
+            with reporting(job, progress, *([preview.on_event] if preview else [])):
                 interpolate(job, devices.strip())
+            final_preview = preview.finish() if preview else None
         handle = VideoHandle(
             job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
         )
-        return io.NodeOutput(handle)
+        return io.NodeOutput(handle, ui=preview_ui(final_preview) if final_preview else None)
+
+
+def preview_ui(path) -> ui.SavedImages:
+    """The node's UI output showing the animated preview ``path`` (a file in ComfyUI's temp folder)."""
+    return ui.SavedImages([ui.SavedResult(path.name, "", io.FolderType.temp)], is_animated=True)
+
+
+def segment_preview(job):
+    """A :class:`keyface.preview.SegmentPreview` of ``job``'s stage 2 shown on the running node, written into
+    ComfyUI's temp folder; None outside ComfyUI (nothing to show it on)."""
+    folder = host.temp_dir()
+    if folder is None:
+        return None
+    from keyface import preview
+
+    show = lambda path: host.show_node_output(preview_ui(path).as_dict())  # noqa: E731
+    return preview.SegmentPreview(job, folder, show, preview.PreviewSettings())
 
 
 def interpolate(job, devices: str) -> None:

@@ -142,6 +142,12 @@ def user_dir() -> Path | None:
     return Path(folder_paths.get_user_directory()) if folder_paths else None
 
 
+def temp_dir() -> Path | None:
+    """ComfyUI's temp folder (``--temp-directory``; emptied at start-up: previews), or None outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    return Path(folder_paths.get_temp_directory()) if folder_paths else None
+
+
 def input_media_files() -> list[str]:
     """Audio and video files in the input folder (top level), sorted."""
     folder = input_dir()
@@ -250,6 +256,29 @@ def show_node_text(text: str) -> None:
     instance = getattr(server.PromptServer, "instance", None)
     if context is not None and instance is not None:
         instance.send_progress_text(text, context.node_id)
+
+
+def show_node_output(output: dict) -> None:
+    """Show ``output`` (a ``ui`` dict, e.g. ``{"images": [...], "animated": (True,)}``) on the running node now,
+    while it still runs: the ``executed`` message ComfyUI's executor sends a node's ``ui`` with when it finishes
+    (``PromptServer.send_sync``, to the client that queued the prompt). The node's own ``ui`` output replaces
+    it at the end. No-op outside ComfyUI, when no node is running or no client is connected."""
+    if not in_comfyui():
+        return
+    server, execution = _comfy("server"), _comfy("comfy_execution.utils")
+    if server is None or execution is None:
+        return
+    context = execution.get_executing_context()
+    instance = getattr(server.PromptServer, "instance", None)
+    if context is None or instance is None or getattr(instance, "client_id", None) is None:
+        return
+    message = {
+        "node": context.node_id,
+        "display_node": context.node_id,
+        "output": output,
+        "prompt_id": context.prompt_id,
+    }
+    instance.send_sync("executed", message, instance.client_id)
 
 
 def preview_max_size() -> int:

@@ -6,7 +6,8 @@ workflows users have saved. A deliberate change is recorded by rewriting the sna
     KEYFACE_UPDATE_INTERFACE=1 python -m pytest tests/test_node_interface.py
 
 and then reviewed in the diff of ``tests/snapshots/node_interface.json``: new inputs go at the end (optional),
-nothing is renamed, reordered or removed.
+nothing is renamed, reordered or removed. An input's type may only widen: to a multi-type (``"IMAGE,VIDEO"``,
+``io.MultiType``) that still contains the recorded one, so every link a saved workflow holds stays valid.
 """
 
 from __future__ import annotations
@@ -68,8 +69,24 @@ def test_node_interface_matches_the_snapshot():
     )
 
 
+def type_kept(recorded: str, now: str) -> bool:
+    """True when an input of type ``recorded`` may now have type ``now``: the same, or a comma-joined multi-type
+    holding every recorded type (what 0.3.64's executor accepts for a link of the recorded type)."""
+    return recorded == now or set(recorded.split(",")) <= set(now.split(","))
+
+
+def test_an_input_type_may_only_widen():
+    assert type_kept("IMAGE", "IMAGE") and type_kept("IMAGE", "IMAGE,VIDEO") and type_kept("IMAGE", "VIDEO,IMAGE")
+    assert type_kept("IMAGE,VIDEO", "IMAGE,VIDEO,MASK")
+    assert not type_kept("IMAGE", "VIDEO")  # another type
+    assert not type_kept("IMAGE,VIDEO", "IMAGE")  # narrowed: a saved VIDEO link would break
+    assert not type_kept("IMAGE", "IMAGES")  # not a prefix test
+    assert not type_kept("INT", "FLOAT") and not type_kept("COMBO", "STRING")
+
+
 def test_recorded_inputs_only_grow_at_the_end():
-    """Against the snapshot: an existing node keeps every recorded input, in the recorded place."""
+    """Against the snapshot: an existing node keeps every recorded input, in the recorded place, with its
+    recorded type or a wider one (:func:`type_kept`)."""
     interface = current_interface()
     recorded = json.loads(SNAPSHOT.read_text())
     for node_id, before in recorded.items():
@@ -78,6 +95,8 @@ def test_recorded_inputs_only_grow_at_the_end():
             now = interface[node_id]["inputs"].get(section, [])
             names_before = [entry["name"] for entry in inputs]
             assert [entry["name"] for entry in now[: len(inputs)]] == names_before, (node_id, section)
+            for entry_before, entry_now in zip(inputs, now):
+                assert type_kept(entry_before["type"], entry_now["type"]), (node_id, entry_before, entry_now)
         assert interface[node_id]["outputs"][: len(before["outputs"])] == before["outputs"], node_id
 
 

@@ -127,6 +127,12 @@ def expected_layout(node_type: str) -> tuple[list[tuple[str, str]], list[tuple[s
     return slots, values
 
 
+def accepts(slot_type: str, link_type: str) -> bool:
+    """An input slot of ``slot_type`` (``"IMAGE,VIDEO"`` for a multi-type input) takes a link of ``link_type``
+    (or a saved slot of that type)."""
+    return slot_type == "*" or set(link_type.split(",")) <= set(slot_type.split(","))
+
+
 def check_value(where: str, kind: str, options: dict, value) -> None:
     if kind == "COMBO":
         if "files" in options:
@@ -193,10 +199,13 @@ def test_ui_workflow_is_a_valid_graph(name, empty_models_folder):
         assert node["type"] in NODES or node["type"] in CORE_NODES, f"{where}: unknown node type"
         slots, layout = expected_layout(node["type"])
         saved = [(entry["name"], entry["type"]) for entry in node["inputs"]]
-        # a workflow saved before an optional socket was appended lacks it (the frontend adds it when loading)
+        saved_names = [saved_name for saved_name, _ in saved]
+        # a workflow saved before an optional socket was appended lacks it (the frontend adds it when loading);
+        # one saved before an input widened to a multi-type holds the narrower type it had
         optional = {input_name for input_name, _, _, is_optional in node_inputs(node["type"]) if is_optional}
-        assert [slot for slot in slots if slot in saved] == saved, where
-        assert {slot[0] for slot in slots if slot not in saved} <= optional, where
+        assert [slot[0] for slot in slots if slot[0] in saved_names] == saved_names, where
+        assert all(accepts(dict(slots)[saved_name], saved_type) for saved_name, saved_type in saved), where
+        assert {slot[0] for slot in slots if slot[0] not in saved_names} <= optional, where
         assert len(node["widgets_values"]) == len(layout), where
         for (input_name, role, options), value in zip(layout, node["widgets_values"], strict=True):
             kind = dict(slots).get(input_name)
@@ -220,7 +229,7 @@ def test_ui_workflow_is_a_valid_graph(name, empty_models_folder):
         output_type = node_outputs(nodes[source]["type"])[slot]
         entry = nodes[target]["inputs"][target_slot]
         assert entry["link"] == link_id, where
-        assert kind == output_type and entry["type"] in (output_type, "*"), f"{where}: {output_type} -> {entry['type']}"
+        assert kind == output_type and accepts(entry["type"], output_type), f"{where}: {output_type} -> {entry['type']}"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -3,6 +3,7 @@ derives from the schema) and ``NodeOutput``. Behaviour of ComfyUI 0.3.64's ``com
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -347,6 +348,53 @@ UpscaleModel = _socket_type("UPSCALE_MODEL", "UpscaleModel")
 Audio = _socket_type("AUDIO", "Audio")
 Video = _socket_type("VIDEO", "Video")
 AnyType = _socket_type("*", "AnyType")
+
+
+class MultiType:
+    """An input that takes any of several types. Its classic type is their ``io_type`` strings joined by commas,
+    in order and without repeats (``"IMAGE,VIDEO"``); the executor accepts a link whose type shares one of them.
+    Given an ``Input`` as ``id``, that input is kept (its options, its widget) and its type comes first."""
+
+    Type = Any
+
+    class Input(Input):
+        def __init__(
+            self,
+            id: str | Input,
+            types: list,
+            display_name: str = None,
+            optional=False,
+            tooltip: str = None,
+            lazy: bool = None,
+            extra_dict=None,
+        ):
+            self.input_override = None
+            if isinstance(id, Input):
+                self.input_override = copy.copy(id)
+                optional = id.optional if id.optional is True else optional
+                tooltip = id.tooltip if id.tooltip is not None else tooltip
+                display_name = id.display_name if id.display_name is not None else display_name
+                lazy = id.lazy if id.lazy is not None else lazy
+                if isinstance(self.input_override, WidgetInput):
+                    self.input_override.widget_type = self.input_override.get_io_type()
+                id = id.id
+            super().__init__(id, display_name, optional, tooltip, lazy, extra_dict)
+            self._io_types = types
+
+        @property
+        def io_types(self) -> list[type]:
+            """The permitted types as classes (an instance given in ``types`` counts as its class)."""
+            return [kind if isinstance(kind, type) else type(kind) for kind in self._io_types]
+
+        def get_io_type(self) -> str:
+            names = [kind.io_type for kind in self.io_types]
+            if self.input_override is not None:
+                names.insert(0, self.input_override.get_io_type())
+            return ",".join(dict.fromkeys(names))
+
+        def as_dict(self) -> dict:
+            own = super().as_dict()
+            return self.input_override.as_dict() | own if self.input_override is not None else own
 
 
 class Hidden(str, Enum):

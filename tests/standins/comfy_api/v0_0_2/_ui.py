@@ -25,6 +25,20 @@ class SavedResult(dict):
         return FolderType(self["type"])
 
 
+class SavedImages(_UIOutput):
+    """Saved image file(s) shown on the node; ``is_animated``: an animation (animated WebP / PNG)."""
+
+    def __init__(self, results: list[SavedResult], is_animated: bool = False):
+        self.results = results
+        self.is_animated = is_animated
+
+    def as_dict(self) -> dict:
+        data = {"images": self.results}
+        if self.is_animated:
+            data["animated"] = (True,)
+        return data
+
+
 class PreviewVideo(_UIOutput):
     """Saved video file(s) shown on the node (the frontend's animated ``images`` preview)."""
 
