@@ -336,6 +336,7 @@ class RayBackend(Backend):
         self._idle: list = []
         self._pending: list[tuple[Task, Future]] = []
         self._running: dict = {}  # object ref -> (actor, task, future)
+        self._starting: dict = {}  # readiness ref -> replacement actor still loading its models
         self._expected_files: dict[str, str] | None = None
         self.resubmitted = 0  # tasks run again after their worker died
         self._closed = False
@@ -384,12 +385,15 @@ class RayBackend(Backend):
                         continue
                     actor = self._idle.pop(0)
                     self._running[actor.run.remote(task)] = (actor, task, future)
-                refs = list(self._running)
+                refs = list(self._running) + list(self._starting)
             if not refs:
                 threading.Event().wait(0.01)
                 continue
             done, _ = ray.wait(refs, num_returns=1, timeout=0.05)
             for ref in done:
+                if ref in self._starting:
+                    self._started(ref)
+                    continue
                 with self._lock:
                     actor, task, future = self._running.pop(ref)
                 try:
@@ -407,7 +411,8 @@ class RayBackend(Backend):
                     self._idle.append(actor)
 
     def _replace(self, actor, task: Task, future: Future, error: BaseException) -> None:
-        """``actor`` died running ``task``: start another actor and run the task again first."""
+        """``actor`` died running ``task``: the task runs again first, on the next free worker; a replacement
+        actor starts and takes tasks once it has loaded its models."""
         if self._closed:  # killed by close()
             future.cancel()
             return
@@ -415,9 +420,31 @@ class RayBackend(Backend):
         replacement = self._start_actor()
         with self._lock:
             self._actors = [replacement if a is actor else a for a in self._actors]
-            self._idle.append(replacement)
+            self._starting[replacement.identity.remote()] = replacement
             self._pending.insert(0, (task, _Rerun(future)))
             self.resubmitted += 1
+
+    def _started(self, ready) -> None:
+        """A replacement actor finished loading (or failed to start: then the job runs on fewer workers)."""
+        with self._lock:
+            actor = self._starting.pop(ready)
+        try:
+            self.ray.get(ready)
+        except self.ray.exceptions.RayError as error:
+            logger.warning("a replacement Ray worker failed to start (%s); going on with fewer workers", error)
+            with self._lock:
+                self._actors = [a for a in self._actors if a is not actor]
+                if not self._actors:
+                    self._fail_pending(KeyFaceError(f"every Ray worker died and none could be restarted: {error}"))
+            return
+        with self._lock:
+            self._idle.append(actor)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for _, future in self._pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        self._pending.clear()
 
     def close(self) -> None:
         with self._lock:
