@@ -290,13 +290,14 @@ def import_ray():
 class StageWorker:
     """What one Ray actor runs: the stage models loaded from ``files`` on its GPU (or the CPU)."""
 
-    def __init__(self, files, precision: str, cpu_threads: int | None):
+    def __init__(self, files, precision: str | torch.dtype, cpu_threads: int | None):
         from .loading import load_models, resolve_dtype
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)  # Ray starts workers with one thread: keep the driver's numerics
-        self.models = models_on(load_models(files, "cpu", resolve_dtype(precision, device)), device)
+        dtype = precision if isinstance(precision, torch.dtype) else resolve_dtype(precision, device)
+        self.models = models_on(load_models(files, "cpu", dtype), device)
 
     def run(self, task: Task) -> torch.Tensor:
         with torch.inference_mode():
@@ -315,15 +316,30 @@ class RayBackend(Backend):
         address: a Ray cluster to join (``ray.init(address=...)``: ``"auto"`` or ``"ray://head:10001"``); ``None``
             starts a local one, unless Ray is already initialised in this process (then that one is used).
         workers: actors to start; ``None``: one per GPU of the cluster, or one per CPU slot without GPUs.
-        precision: the network precision each actor resolves for its own device (``auto``, ``fp32``, ...).
+        precision: the network precision each actor resolves for its own device (``auto``, ``fp32``, ...), or
+            a ``torch.dtype`` every actor uses (the driver's, e.g. ComfyUI's choice).
     """
 
-    def __init__(self, files, *, address: str | None = None, workers: int | None = None, precision: str = "auto"):
+    def __init__(
+        self,
+        files,
+        *,
+        address: str | None = None,
+        workers: int | None = None,
+        precision: str | torch.dtype = "auto",
+    ):
         self.ray = import_ray()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers must be an integer >= 1, got {workers!r}")
         if not self.ray.is_initialized():
-            self.ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            try:
+                self.ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise InputError(
+                    f"the Ray cluster at {address!r} could not be joined ({reason}); start it (`ray start --head` on "
+                    "the head node) or check the address"
+                ) from None
         resources = self.ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self._resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
