@@ -169,4 +169,5 @@ def load_models(files: ModelFiles, device: str | torch.device = "cpu", dtype: to
             )
             if path is not None
         },
+        sources=files,
     )

@@ -432,8 +432,9 @@ class TalkingHeadJob:
     def interpolate(self) -> None:
         """Run stages 1 and 2 for the whole video (everything but decoding), reporting progress."""
         settings = self.settings
-        self._progress = ProgressCounter(
-            len(self.schedule.batches) * settings.steps_per_sample
+        batches_to_load = sum(batch not in self._batches for batch in range(len(self.schedule.batches)))
+        self._progress = ProgressCounter(  # batches already in memory take no work, hence no progress
+            batches_to_load * settings.steps_per_sample
             + len(self.schedule.segments) * settings.segment_steps_per_sample,
             self.progress_callback,
         )

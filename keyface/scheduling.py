@@ -290,13 +290,14 @@ def import_ray():
 class StageWorker:
     """What one Ray actor runs: the stage models loaded from ``files`` on its GPU (or the CPU)."""
 
-    def __init__(self, files, precision: str, cpu_threads: int | None):
+    def __init__(self, files, precision: str | torch.dtype, cpu_threads: int | None):
         from .loading import load_models, resolve_dtype
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)  # Ray starts workers with one thread: keep the driver's numerics
-        self.models = models_on(load_models(files, "cpu", resolve_dtype(precision, device)), device)
+        dtype = precision if isinstance(precision, torch.dtype) else resolve_dtype(precision, device)
+        self.models = models_on(load_models(files, "cpu", dtype), device)
 
     def run(self, task: Task) -> torch.Tensor:
         with torch.inference_mode():
@@ -315,15 +316,30 @@ class RayBackend(Backend):
         address: a Ray cluster to join (``ray.init(address=...)``: ``"auto"`` or ``"ray://head:10001"``); ``None``
             starts a local one, unless Ray is already initialised in this process (then that one is used).
         workers: actors to start; ``None``: one per GPU of the cluster, or one per CPU slot without GPUs.
-        precision: the network precision each actor resolves for its own device (``auto``, ``fp32``, ...).
+        precision: the network precision each actor resolves for its own device (``auto``, ``fp32``, ...), or
+            a ``torch.dtype`` every actor uses (the driver's, e.g. ComfyUI's choice).
     """
 
-    def __init__(self, files, *, address: str | None = None, workers: int | None = None, precision: str = "auto"):
+    def __init__(
+        self,
+        files,
+        *,
+        address: str | None = None,
+        workers: int | None = None,
+        precision: str | torch.dtype = "auto",
+    ):
         self.ray = import_ray()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers must be an integer >= 1, got {workers!r}")
         if not self.ray.is_initialized():
-            self.ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            try:
+                self.ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise InputError(
+                    f"the Ray cluster at {address!r} could not be joined ({reason}); start it (`ray start --head` on "
+                    "the head node) or check the address"
+                ) from None
         resources = self.ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self._resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -336,6 +352,7 @@ class RayBackend(Backend):
         self._idle: list = []
         self._pending: list[tuple[Task, Future]] = []
         self._running: dict = {}  # object ref -> (actor, task, future)
+        self._starting: dict = {}  # readiness ref -> replacement actor still loading its models
         self._expected_files: dict[str, str] | None = None
         self.resubmitted = 0  # tasks run again after their worker died
         self._closed = False
@@ -384,12 +401,15 @@ class RayBackend(Backend):
                         continue
                     actor = self._idle.pop(0)
                     self._running[actor.run.remote(task)] = (actor, task, future)
-                refs = list(self._running)
+                refs = list(self._running) + list(self._starting)
             if not refs:
                 threading.Event().wait(0.01)
                 continue
             done, _ = ray.wait(refs, num_returns=1, timeout=0.05)
             for ref in done:
+                if ref in self._starting:
+                    self._started(ref)
+                    continue
                 with self._lock:
                     actor, task, future = self._running.pop(ref)
                 try:
@@ -407,7 +427,8 @@ class RayBackend(Backend):
                     self._idle.append(actor)
 
     def _replace(self, actor, task: Task, future: Future, error: BaseException) -> None:
-        """``actor`` died running ``task``: start another actor and run the task again first."""
+        """``actor`` died running ``task``: the task runs again first, on the next free worker; a replacement
+        actor starts and takes tasks once it has loaded its models."""
         if self._closed:  # killed by close()
             future.cancel()
             return
@@ -415,9 +436,31 @@ class RayBackend(Backend):
         replacement = self._start_actor()
         with self._lock:
             self._actors = [replacement if a is actor else a for a in self._actors]
-            self._idle.append(replacement)
+            self._starting[replacement.identity.remote()] = replacement
             self._pending.insert(0, (task, _Rerun(future)))
             self.resubmitted += 1
+
+    def _started(self, ready) -> None:
+        """A replacement actor finished loading (or failed to start: then the job runs on fewer workers)."""
+        with self._lock:
+            actor = self._starting.pop(ready)
+        try:
+            self.ray.get(ready)
+        except self.ray.exceptions.RayError as error:
+            logger.warning("a replacement Ray worker failed to start (%s); going on with fewer workers", error)
+            with self._lock:
+                self._actors = [a for a in self._actors if a is not actor]
+                if not self._actors:
+                    self._fail_pending(KeyFaceError(f"every Ray worker died and none could be restarted: {error}"))
+            return
+        with self._lock:
+            self._idle.append(actor)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for _, future in self._pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        self._pending.clear()
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,9 @@ resumes where it stopped and nothing large is held in RAM. Between the two nodes
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from comfy_api.v0_0_2 import io, ui
 
@@ -128,6 +130,8 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
                     optional=True,
                     tooltip="Emotion over time from KeyFace Emotion Curve; neutral when not connected.",
                 ),
+                _devices_input("keyframe batches"),
+                _ray_address_input("keyframe batches"),
             ],
             outputs=[
                 KEYFRAMES.Output(
@@ -145,7 +149,19 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
     @classmethod
     @node_function(SAMPLER_WIDGETS)
     def execute(
-        cls, model, image, audio, seed, steps, audio_scale, identity_scale, schedule, keyframe_image_size, emotion=None
+        cls,
+        model,
+        image,
+        audio,
+        seed,
+        steps,
+        audio_scale,
+        identity_scale,
+        schedule,
+        keyframe_image_size,
+        emotion=None,
+        devices="",
+        ray_address="",
     ):
         import torch
 
@@ -156,6 +172,7 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
         from keyface.pipeline import Conditioning, GenerationSettings, TalkingHeadJob
 
         check_widgets(cls, locals())
+        check_scale_out(devices, ray_address)
         if audio is None:
             raise InputError("audio: connect the features output of KeyFace Load Audio")
         face = centre_square(single_image(image, "image"), "image")
@@ -178,7 +195,8 @@ class KeyFaceKeyframeSampler(io.ComfyNode):
                 progress=progress.on_event,
                 preview_keyframes=True,
             )
-            job.generate_keyframes()
+            with scale_out(job, model, devices, ray_address):
+                job.generate_keyframes()
             frames = [frame for frame, _ in job.keyframe_slots()]
             if keyframe_image_size == 0:
                 images = torch.zeros((1, 64, 64, 3))  # ComfyUI needs an IMAGE: one black placeholder
@@ -246,14 +264,8 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
                     "user/keyface/jobs) after Video Combine has written the whole video, so a re-roll or "
                     "another encode of this job skips the finished work. Off: it is deleted then.",
                 ),
-                io.String.Input(
-                    "devices",
-                    default="",
-                    optional=True,
-                    tooltip="Several GPUs: a comma-separated list such as cuda:0,cuda:1 interpolates segments on "
-                    "all of them at once (one model copy each, made for this run and freed after it; same frames "
-                    "as one GPU). Empty: ComfyUI's device only.",
-                ),
+                _devices_input("segments"),
+                _ray_address_input("segments"),
             ],
             outputs=[
                 VIDEO.Output(
@@ -275,8 +287,10 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
         edited_keyframes=None,
         keep_job_folder=False,
         devices="",
+        ray_address="",
     ):
         check_widgets(cls, locals())
+        check_scale_out(devices, ray_address)
         if keyframes is None:
             raise InputError("keyframes: connect the keyframes output of KeyFace Keyframe Sampler")
         sampled = keyframes.job
@@ -292,7 +306,8 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
             if edited_keyframes is not None:
                 apply_edits(job, keyframes, edited_keyframes)
             with reporting(job, progress, *([preview.on_event] if preview else [])):
-                interpolate(job, devices.strip())
+                with scale_out(job, keyframes.bundle, devices, ray_address):
+                    job.interpolate()
             final_preview = preview.finish() if preview else None
         handle = VideoHandle(
             job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
@@ -317,18 +332,61 @@ def segment_preview(job):
     return preview.SegmentPreview(job, folder, show, preview.PreviewSettings())
 
 
-def interpolate(job, devices: str) -> None:
-    """Stage 2 of ``job`` here, or on every listed device at once (:class:`keyface.scheduling.DevicesBackend`);
-    the job goes back to this process's backend afterwards, its segments all in the job folder."""
-    if not devices:
-        job.interpolate()
-        return
-    from keyface.scheduling import DevicesBackend, LocalBackend
+def _devices_input(work: str) -> io.String.Input:
+    return io.String.Input(
+        "devices",
+        default="",
+        optional=True,
+        tooltip=f"Several GPUs: a comma-separated list such as cuda:0,cuda:1 runs the {work} on all of them at "
+        "once (one model copy each, made for this run and freed after it; same result as one GPU). Empty: "
+        "ComfyUI's device only.",
+    )
 
-    with DevicesBackend(devices) as backend:
+
+def _ray_address_input(work: str) -> io.String.Input:
+    return io.String.Input(
+        "ray_address",
+        default="",
+        optional=True,
+        tooltip=f"A Ray cluster runs the {work}, one worker per GPU (pip install 'keyface[ray]'; every node needs "
+        "the pack and the same model files at the same paths): host:port of its head node, auto (the cluster "
+        "this machine belongs to) or local (start one on this machine). Same result as here. Empty: not used.",
+    )
+
+
+def check_scale_out(devices: str, ray_address: str) -> None:
+    if devices.strip() and ray_address.strip():
+        raise InputError(
+            "devices, ray_address: give one of them (devices: several GPUs of this machine; ray_address: a Ray "
+            "cluster), not both; empty the other"
+        )
+
+
+@contextlib.contextmanager
+def scale_out(job, bundle, devices: str, ray_address: str) -> Iterator[None]:
+    """The block runs ``job``'s network calls on the listed devices (:class:`keyface.scheduling.DevicesBackend`)
+    or a Ray cluster (:class:`keyface.scheduling.RayBackend`, its workers loading the bundle's model files); with
+    both empty, here. The job goes back to this process's backend afterwards, its work all in the job folder."""
+    from keyface.scheduling import DevicesBackend, LocalBackend, RayBackend
+
+    devices, ray_address = devices.strip(), ray_address.strip()
+    if not devices and not ray_address:
+        yield
+        return
+    if devices:
+        backend = DevicesBackend(devices)
+    else:
+        files = bundle.models.sources
+        if files is None:
+            raise InputError("ray_address: these models were not loaded from files, which every Ray worker needs")
+        try:
+            backend = RayBackend(files, address=ray_address, precision=bundle.dtype)
+        except InputError as error:
+            raise InputError(f"ray_address: {error}") from None
+    with backend:
         job.backend = backend
         try:
-            job.interpolate()
+            yield
         finally:
             job.backend = LocalBackend()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import wave
@@ -1011,7 +1012,8 @@ def test_interpolated_video_has_one_frame_per_audio_frame(chain):
     assert chain.video.num_frames == chain.frame_count == 15 and chain.video.fps == 25
     steps = chain.video.job.settings.segment_steps_per_sample
     totals = {total for _, total, _ in chain.interpolator_updates}
-    assert totals == {steps * (1 + 2)}  # the keyframe batch (read back) and two segments, every step
+    assert totals == {steps * 2}  # two segments, every step (the keyframe batch is in memory: no work)
+    assert chain.interpolator_updates[-1][0] == steps * 2  # the bar completes
 
 
 def test_video_to_images_takes_a_frame_range_with_its_audio(chain):
@@ -1266,3 +1268,64 @@ def test_interpolator_on_two_devices_gives_the_frames_of_one(chain, monkeypatch)
     assert torch.equal(torch.stack(list(spread.job.frames())), expected)
     with pytest.raises(InputError, match="^devices: 'gpu7' is not a device"):
         run("KeyFaceKeyframeInterpolator", keyframes=chain.keyframes, seed=22, devices="gpu7")
+
+
+def sampled_keyframes(keyframes) -> torch.Tensor:
+    job = keyframes.job
+    return torch.stack([job.slot_latent(slot) for _, slot in job.keyframe_slots()])
+
+
+def forget_keyframes(keyframes) -> None:
+    """Delete a sampled job's keyframe batches, so the next run with its settings samples them again."""
+    for path in (keyframes.job.folder.path / "keyframes").glob("batch_*.safetensors"):
+        path.unlink()
+
+
+def test_sampler_on_two_devices_gives_the_keyframes_of_one(chain, model):
+    inputs = dict(model=model, image=chain.face, audio=chain.features, seed=41)
+    here, _ = run("KeyFaceKeyframeSampler", **inputs)
+    expected = sampled_keyframes(here)
+    forget_keyframes(here)
+    RecordingBar.updates = []
+    spread, _ = run("KeyFaceKeyframeSampler", **inputs, devices="cpu, cpu")
+    assert torch.equal(sampled_keyframes(spread), expected)
+    assert RecordingBar.updates and RecordingBar.updates[-1][0] == RecordingBar.updates[-1][1]  # the bar completes
+
+
+@pytest.mark.parametrize("node_id", ["KeyFaceKeyframeSampler", "KeyFaceKeyframeInterpolator"])
+def test_devices_and_ray_address_exclude_each_other(chain, model, node_id):
+    inputs = (
+        dict(model=model, image=chain.face, audio=chain.features)
+        if node_id == "KeyFaceKeyframeSampler"
+        else dict(keyframes=chain.keyframes)
+    )
+    with pytest.raises(InputError, match="^devices, ray_address: give one of them"):
+        run(node_id, **inputs, devices="cpu", ray_address="local")
+
+
+def test_sampler_and_interpolator_on_ray_give_the_frames_of_one(chain, model):
+    try:
+        import ray
+    except ImportError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"ray is not importable on CI ({error}); scripts/install.sh installs the [ray] extra")
+        pytest.skip(f"ray is not installed ({error}); pip install 'keyface[ray]'")
+    inputs = dict(model=model, image=chain.face, audio=chain.features, seed=43)
+    here, _ = run("KeyFaceKeyframeSampler", **inputs)
+    (video,) = run("KeyFaceKeyframeInterpolator", keyframes=here, seed=43)
+    expected_keyframes, expected_frames = sampled_keyframes(here), torch.stack(list(video.job.frames()))
+    forget_keyframes(here)
+    shutil.rmtree(video.job.folder.segments_path)
+    python_path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": python_path}}, log_to_driver=False
+    )
+    try:
+        on_ray, _ = run("KeyFaceKeyframeSampler", **inputs, ray_address="local")
+        assert torch.equal(sampled_keyframes(on_ray), expected_keyframes)
+        RecordingBar.updates = []
+        (spread,) = run("KeyFaceKeyframeInterpolator", keyframes=on_ray, seed=43, ray_address="local")
+        assert RecordingBar.updates and RecordingBar.updates[-1][0] == RecordingBar.updates[-1][1]
+        assert torch.equal(torch.stack(list(spread.job.frames())), expected_frames)
+    finally:
+        ray.shutdown()

@@ -34,6 +34,7 @@ from ..errors import InputError
 from .streaming import STREAM_BLOCK_ELEMENTS, LayerStreamer, stream_layout
 
 if TYPE_CHECKING:
+    from ..loading import ModelFiles
     from .stages import InterpolationModel, InterpolationNetwork, KeyframeModel
     from .vae import FrameDecoder, IdentityEncoder
 
@@ -60,7 +61,9 @@ class KeyFaceModels:
 
     ``decoder`` (the interpolation checkpoint's VAE decoder) makes the output frames; ``keyframe_decoder`` (the
     keyframe checkpoint's) only previews keyframes. ``identity_encoder`` turns images into latents (identity,
-    edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint.
+    edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint; ``sources``:
+    the :class:`~keyface.loading.ModelFiles` they were loaded from (what a Ray worker loads), ``None`` when built
+    in memory.
     """
 
     keyframe: KeyframeModel
@@ -70,6 +73,7 @@ class KeyFaceModels:
     keyframe_decoder: FrameDecoder | None = None
     identity_encoder: IdentityEncoder | None = None
     files: dict[str, str] = field(default_factory=dict)
+    sources: ModelFiles | None = field(default=None, repr=False, compare=False)
     residency: Residency | None = field(default=None, repr=False, compare=False)
 
     @property
