@@ -305,9 +305,9 @@ class KeyFaceKeyframeInterpolator(io.ComfyNode):
         with keyframes.bundle.on_device():
             if edited_keyframes is not None:
                 apply_edits(job, keyframes, edited_keyframes)
-            with reporting(job, progress, *([preview.on_event] if preview else [])):
-                with scale_out(job, keyframes.bundle, devices, ray_address):
-                    job.interpolate()
+            listeners = [preview.on_event] if preview else []
+            with reporting(job, progress, *listeners), scale_out(job, keyframes.bundle, devices, ray_address):
+                job.interpolate()
             final_preview = preview.finish() if preview else None
         handle = VideoHandle(
             job, keyframes.bundle, keyframes.audio.clip, fps=VIDEO_FPS, keep_job_folder=keep_job_folder
