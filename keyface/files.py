@@ -15,9 +15,21 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, KeyFaceError
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Paths of every weight file of a KeyFace setup (``autoguidance`` None: run without autoguidance)."""
+
+    keyframe: Path
+    interpolation: Path
+    autoguidance: Path | None
+    vae: Path
+    audio: Path
 
 
 def _umask() -> int:

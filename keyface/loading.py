@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checkpoints import KEYFACE_WEIGHTS_SOURCE, VAE_WEIGHTS_SOURCE
 from .errors import InputError, MissingWeightsError
-from .files import file_identity
+from .files import ModelFiles, file_identity
 
 ENGINE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 STAGE_FILE_STEMS = {"keyframe": "keyframe", "interpolation": "interpolation", "autoguidance": "interpolation_bad"}
@@ -34,17 +33,6 @@ AUDIO_FOLDER = "audio"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """Paths of every weight file of a KeyFace setup (``autoguidance`` None: run without autoguidance)."""
-
-    keyframe: Path
-    interpolation: Path
-    autoguidance: Path | None
-    vae: Path
-    audio: Path
 
 
 def download_hint(folder: Path) -> str:

@@ -34,7 +34,7 @@ from ..errors import InputError
 from .streaming import STREAM_BLOCK_ELEMENTS, LayerStreamer, stream_layout
 
 if TYPE_CHECKING:
-    from ..loading import ModelFiles
+    from ..files import ModelFiles
     from .stages import InterpolationModel, InterpolationNetwork, KeyframeModel
     from .vae import FrameDecoder, IdentityEncoder
 
@@ -62,7 +62,7 @@ class KeyFaceModels:
     ``decoder`` (the interpolation checkpoint's VAE decoder) makes the output frames; ``keyframe_decoder`` (the
     keyframe checkpoint's) only previews keyframes. ``identity_encoder`` turns images into latents (identity,
     edited keyframes). ``files``: identities of the weight files, part of every job's fingerprint; ``sources``:
-    the :class:`~keyface.loading.ModelFiles` they were loaded from (what a Ray worker loads), ``None`` when built
+    the :class:`~keyface.files.ModelFiles` they were loaded from (what a Ray worker loads), ``None`` when built
     in memory.
     """
 
