@@ -13,7 +13,7 @@ Backends (all take a task and return its latents ``(14 * n, C, h, w)``, float32 
 * :class:`DevicesBackend`: one process, one copy of the models per listed device (``cuda:0,cuda:1``; two
   ``cpu`` entries on a machine without GPUs), one thread per device taking the next task as its device frees up.
 * :class:`RayBackend`: one Ray actor per GPU (or per CPU slot) of a Ray cluster, each loading the stage models
-  from the same model files. Optional: ``pip install 'keyface[ray]'``.
+  from the same model files. Optional: ``pip install 'ray>=2.9'`` (``.[ray]`` from a checkout).
 
 Parallel backends return :class:`concurrent.futures.Future` objects; the job keeps a window of them in flight,
 writes each finished one to the job folder and streams frames as soon as the contiguous prefix is done. A worker
@@ -42,7 +42,8 @@ from .sampling import sample_keyframes, sample_segments
 
 logger = logging.getLogger(__name__)
 
-RAY_DISTRIBUTION = "keyface"
+# Works in a checkout and in ComfyUI's Python alike (a node pack is not a pip-installed distribution there).
+RAY_INSTALL_HINT = "pip install 'ray>=2.9' into the Python that runs KeyFace (from a checkout: pip install '.[ray]')"
 # Tasks in flight per worker: one running, one queued behind it so that a worker never waits for the driver.
 TASKS_PER_WORKER = 2
 
@@ -281,9 +282,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise KeyFaceError(
-            f"the ray backend needs Ray, which is not installed: pip install '{RAY_DISTRIBUTION}[ray]'"
-        ) from None
+        raise KeyFaceError(f"the ray backend needs Ray, which is not installed: {RAY_INSTALL_HINT}") from None
     return ray
 
 

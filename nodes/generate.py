@@ -348,7 +348,7 @@ def _ray_address_input(work: str) -> io.String.Input:
         "ray_address",
         default="",
         optional=True,
-        tooltip=f"A Ray cluster runs the {work}, one worker per GPU (pip install 'keyface[ray]'; every node needs "
+        tooltip=f"A Ray cluster runs the {work}, one worker per GPU (pip install 'ray>=2.9' into ComfyUI's Python; every node needs "
         "the pack and the same model files at the same paths): host:port of its head node, auto (the cluster "
         "this machine belongs to) or local (start one on this machine). Same result as here. Empty: not used.",
     )

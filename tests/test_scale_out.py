@@ -151,9 +151,9 @@ def test_the_local_backend_is_the_default_and_has_no_submit():
         DevicesBackend("gpu7")
 
 
-def test_ray_missing_names_the_extra_to_install(monkeypatch):
+def test_ray_missing_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(KeyFaceError, match=r"pip install 'keyface\[ray\]'") as caught:
+    with pytest.raises(KeyFaceError, match=r"pip install 'ray>=2\.9' into the Python that runs KeyFace") as caught:
         import_ray()
     assert "\n" not in str(caught.value)
 
@@ -168,7 +168,7 @@ def ray_backend(setup):
     except ImportError as error:
         if os.environ.get("CI") == "true":
             pytest.fail(f"ray is not importable on CI ({error}); scripts/install.sh installs the [ray] extra")
-        pytest.skip(f"ray is not installed ({error}); pip install 'keyface[ray]'")
+        pytest.skip(f"ray is not installed ({error}); pip install '.[ray]'")
     from keyface.scheduling import RayBackend
 
     python_path = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
