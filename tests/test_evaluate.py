@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import NO_FACE_DETECTOR, face_detector_available
 from PIL import Image
 
 from keyface import face as face_module
@@ -36,23 +37,13 @@ from keyface.video import AudioTrack, Mp4Writer
 SIDE = 160  # frame size of the synthetic videos
 
 
-def _detector_available() -> bool:
-    try:
-        face_module._networks()
-    except KeyFaceError:
-        if os.environ.get("CI") == "true":
-            raise
-        return False
-    return True
-
-
 def _needs_matplotlib() -> None:
     """The figure needs matplotlib: skip without it on a user machine, fail in CI."""
     if os.environ.get("CI") != "true":
         pytest.importorskip("matplotlib")
 
 
-needs_detector = pytest.mark.skipif(not _detector_available(), reason="face detector not installed")
+needs_detector = pytest.mark.skipif(not face_detector_available(), reason=NO_FACE_DETECTOR)
 
 TINY_ARCFACE = ArcFaceConfig(blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16), embedding=32)
 TINY_VSR = VsrEncoderConfig(
@@ -98,7 +89,7 @@ def portrait(portrait_path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mouth(portrait):
     """Centre and width of the portrait's mouth (from the detector's corners)."""
-    if not _detector_available():
+    if not face_detector_available():
         pytest.skip("face detector not installed")
     face = face_module.detect_faces(portrait)[0]
     (lx, ly), (rx, ry) = face.landmarks[3:5]

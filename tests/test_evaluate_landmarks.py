@@ -9,16 +9,15 @@ layout, read back through the evaluation weight loader. The mean face is a synth
 from __future__ import annotations
 
 import logging
-import os
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import NO_FACE_DETECTOR, face_detector_available
 from PIL import Image
 
-from keyface import face as face_module
-from keyface.errors import CheckpointError, KeyFaceError, MissingWeightsError
+from keyface.errors import CheckpointError, MissingWeightsError
 from keyface.evaluate import EvaluationOptions, evaluate_frames
 from keyface.evaluate.landmarks import FAN_WEIGHTS, FaceLandmarker, Fan, FanConfig, decode_heatmaps, face_crop_box
 from keyface.evaluate.lipscore import VSR_WEIGHTS, VsrEncoder, VsrEncoderConfig
@@ -308,17 +307,7 @@ def test_the_fallback_is_chosen_when_a_file_is_missing(lipscore_folder, tmp_path
     assert reason is None and isinstance(make(), MeanFaceMouths)
 
 
-def _detector_available() -> bool:
-    try:
-        face_module._networks()
-    except KeyFaceError:
-        if os.environ.get("CI") == "true":
-            raise
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _detector_available(), reason="face detector not installed")
+@pytest.mark.skipif(not face_detector_available(), reason=NO_FACE_DETECTOR)
 def test_report_says_which_mouth_crop_lipscore_used(lipscore_folder, portrait_path, caplog):
     vsr_only, full = lipscore_folder
     portrait = np.asarray(Image.open(portrait_path).convert("RGB").resize((SIDE, SIDE), Image.BILINEAR))

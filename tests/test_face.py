@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import NO_FACE_DETECTOR, face_detector_available
 from PIL import Image, ImageFilter, ImageOps
 
 from keyface import face as face_module
@@ -31,19 +32,7 @@ from keyface.face import (
 from keyface.identity import CropInfo, load_identity_image, square_crop
 from keyface.video import FrameListSink, MapSink
 
-
-def detector_available() -> bool:
-    try:
-        face_module._networks()
-    except KeyFaceError:
-        return False
-    return True
-
-
-HAS_DETECTOR = detector_available()
-needs_detector = pytest.mark.skipif(
-    not HAS_DETECTOR, reason=f"face detector not installed ({face_module.DETECTOR_INSTALL_HINT})"
-)
+needs_detector = pytest.mark.skipif(not face_detector_available(), reason=NO_FACE_DETECTOR)
 
 
 @pytest.fixture(scope="module")

