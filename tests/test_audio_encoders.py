@@ -193,3 +193,18 @@ def test_beats_attention_blocks_do_not_change_the_output(monkeypatch):
     whole = encoder.encode(signal)
     assert blockwise.shape[0] > 3 * 256  # several blocks of QUERY_BLOCK = 256 queries
     torch.testing.assert_close(blockwise, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_the_beats_fbank_in_chunks_equals_one_kaldi_pass():
+    """25.3 s (2,528 frames: two full chunks of FBANK_CHUNK_FRAMES and a partial one) give kaldi's own numbers."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    from keyface.audio.beats import FBANK_CHUNK_FRAMES, FBANK_MEAN, FBANK_STD, beats_fbank
+
+    waveform = torch.from_numpy(np.random.default_rng(2).standard_normal(404_800).astype(np.float32) * 0.1)
+    whole = kaldi.fbank(
+        waveform[None] * 2**15, num_mel_bins=128, sample_frequency=16_000, frame_length=25, frame_shift=10
+    )
+    chunked = beats_fbank(waveform)
+    assert chunked.shape == whole.shape == (2528, 128) and whole.shape[0] > 2 * FBANK_CHUNK_FRAMES
+    torch.testing.assert_close(chunked, (whole - FBANK_MEAN) / (2 * FBANK_STD), rtol=0, atol=1e-6)

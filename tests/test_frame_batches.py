@@ -159,7 +159,9 @@ def test_memory_does_not_grow_with_the_length(tmp_path):
     early, late = np.median(samples[:third]), np.median(samples[-third:])
     batch_mib = BATCH_FRAMES * (SIDE * SCALE) ** 2 * 3 * 4 / 2**20  # one upscaled IMAGE batch, float32
     held_between = (len(samples) - third) * batch_mib  # what holding the frames would add from early to late
-    print(f"RSS median, first third {early:.1f} MiB, last third {late:.1f} MiB (holding the frames: +{held_between:.0f})")
+    print(
+        f"RSS median, first third {early:.1f} MiB, last third {late:.1f} MiB (holding the frames: +{held_between:.0f})"
+    )
     assert late - early < 0.3 * held_between
 
 

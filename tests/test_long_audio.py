@@ -27,11 +27,13 @@ from keyface.audio.io import (
     load_audio,
     to_encoder_waveform,
 )
-from keyface.audio.speech_encoder import WaveformNormalisation
+from keyface.audio.speech_encoder import CONV_CHUNK_OUTPUTS, WaveformNormalisation
+from keyface.audio.wav2vec2 import build_wav2vec2
 from keyface.jobs import tensor_digest
 from keyface.media import probe_media, samples_for_frames
+from keyface.memory import activation_peak_bytes
 from keyface.pipeline import Conditioning
-from tests.test_audio_features import speech_like, tiny_encoders
+from tests.test_audio_features import WAV2VEC2_TINY, speech_like, tiny_encoders
 
 RATE = 44_100
 
@@ -147,6 +149,41 @@ def test_mux_of_a_long_track_holds_bounded_memory(tmp_path):
     assert growth < 20, peaks
 
 
+@pytest.mark.parametrize("extractor", ["wavlm", "wav2vec2", "wav2vec2 layer norm"])
+def test_the_conv_front_end_in_chunks_gives_the_models_own_output_with_a_fraction_of_its_memory(extractor):
+    """A 60 s window (3,000 outputs, 6 chunks of CONV_CHUNK_OUTPUTS) and a 21.3 s one (a partial last chunk): the
+    chunked window encoding equals the transformers model's own forward; the conv front-end's live tensors
+    peak at a fraction of the single pass's (group norm: clip statistics; layer norm: per time step)."""
+    wavlm, _, wav2vec2 = tiny_encoders()
+    if extractor == "wav2vec2 layer norm":  # wav2vec2-large-lv60 style: a layer norm in every conv layer
+        wav2vec2 = build_wav2vec2({**WAV2VEC2_TINY, "feat_extract_norm": "layer", "do_stable_layer_norm": True})
+    encoder = wavlm if extractor == "wavlm" else wav2vec2
+    for seconds in (60, 21.3):
+        x = speech_like(int(seconds * 16_000), seed=5) + 0.02
+        statistics = encoder.clip_statistics(x, x.shape[0])
+        assert (statistics.conv0_mean is None) == (extractor == "wav2vec2 layer norm")
+        with torch.inference_mode():
+            expected = encoder.module(encoder._normalised(x, 0, statistics)[None]).last_hidden_state[0]
+        actual = encoder.encode_window(x, 0, statistics)
+        assert actual.shape == expected.shape == (encoder.sequence_length(x.shape[0]), encoder.dim)
+        assert encoder.sequence_length(x.shape[0]) > CONV_CHUNK_OUTPUTS
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    x = encoder._normalised(speech_like(60 * 16_000, seed=6), 0, statistics)
+    with torch.inference_mode(), activation_peak_bytes() as single_pass:
+        whole = encoder.module.feature_extractor(x[None])
+    with torch.inference_mode(), activation_peak_bytes() as chunked:
+        chunks = encoder._conv_features(x, statistics)
+    assert chunks.shape == whole.shape
+    # both peaks count the input's storage once (slicing it gives a view, an operator output)
+    single_pass_peak, chunked_peak = (tracker.peak - x.untyped_storage().nbytes() for tracker in (single_pass, chunked))
+    print(
+        f"{extractor}: conv front-end live peak over 60 s: one pass {single_pass_peak / 2**20:.1f} MiB, "
+        f"chunked {chunked_peak / 2**20:.1f} MiB"
+    )
+    assert chunked_peak < single_pass_peak / 3
+
+
 def write_raw_waveform(path: Path, waveform: torch.Tensor, padded: int) -> WaveformFile:
     """``waveform`` as a raw float32 file, sparse zero padding to ``padded`` samples (as the extractor stages it)."""
     with open(path, "wb") as file:
@@ -176,8 +213,8 @@ def test_chunked_clip_statistics_equal_the_whole_clip_ones(tmp_path):
     in_memory = torch.cat([waveform, torch.zeros(padded - num_valid)])
     _, _, wav2vec2 = tiny_encoders()
     assert wav2vec2.normalisation.valid_only and isinstance(wav2vec2._first_norm, torch.nn.GroupNorm)
-    from_file = wav2vec2.clip_statistics(stored, num_valid, windowed=True)
-    from_tensor = wav2vec2.clip_statistics(in_memory, num_valid, windowed=True)
+    from_file = wav2vec2.clip_statistics(stored, num_valid)
+    from_tensor = wav2vec2.clip_statistics(in_memory, num_valid)
     assert (from_file.wave_mean, from_file.wave_scale) == (from_tensor.wave_mean, from_tensor.wave_scale)
     assert torch.equal(from_file.conv0_mean, from_tensor.conv0_mean)
     assert torch.equal(from_file.conv0_rstd, from_tensor.conv0_rstd)
@@ -193,7 +230,7 @@ def test_chunked_clip_statistics_equal_the_whole_clip_ones(tmp_path):
 
     biased = WaveformNormalisation(unbiased=False, eps=1e-5, valid_only=False)  # WavLM Large: whole padded input
     wav2vec2.normalisation = biased
-    over_padding = wav2vec2.clip_statistics(stored, num_valid, windowed=False)
+    over_padding = wav2vec2.clip_statistics(stored, num_valid)
     assert over_padding.wave_mean == pytest.approx(float(in_memory.double().mean()), rel=1e-12)
     assert over_padding.wave_scale == pytest.approx(
         1.0 / np.sqrt(float(in_memory.double().var(unbiased=False)) + 1e-5), rel=1e-12

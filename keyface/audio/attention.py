@@ -19,13 +19,12 @@ from torch import nn
 QUERY_BLOCK = 256
 
 
-def relative_position_buckets(queries: torch.Tensor, keys: int, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Bidirectional log-spaced buckets of ``key - query`` offsets -> ``(len(queries), keys)`` long.
+def relative_position_buckets(offsets: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bidirectional log-spaced buckets of ``key - query`` ``offsets`` (long, any shape) -> the same shape, long.
 
     Half of the buckets per direction; within each half, offsets below a quarter of ``num_buckets`` get their
     own bucket and larger ones share log-spaced buckets up to ``max_distance`` (the unilm formula).
     """
-    offsets = torch.arange(keys, device=queries.device)[None, :] - queries[:, None]
     half = num_buckets // 2
     exact = half // 2
     distance = offsets.abs()
@@ -39,6 +38,9 @@ def relative_position_buckets(queries: torch.Tensor, keys: int, num_buckets: int
 class RelativePositionBias:
     """The ``(heads, queries, keys)`` relative position bias of a ``length``-token sequence, built on demand.
 
+    The bias depends only on ``key - query``: it is looked up once per offset (``(heads, 2 * length - 1)``) and
+    a block of rows is a copy of a sliding view of that table, so a block costs its own size and nothing more.
+
     Args:
         embedding: ``nn.Embedding(num_buckets, heads)``, the learned bias per bucket and head.
         length: tokens in the sequence.
@@ -46,15 +48,15 @@ class RelativePositionBias:
     """
 
     def __init__(self, embedding: nn.Embedding, length: int, max_distance: int):
-        self.embedding = embedding
         self.length = length
-        self.max_distance = max_distance
+        offsets = torch.arange(1 - length, length, device=embedding.weight.device)  # key - query
+        buckets = relative_position_buckets(offsets, embedding.num_embeddings, max_distance)
+        # by_start[:, s, k] = bias of offset k - (length - 1 - s): row s holds query length - 1 - s
+        self._by_start = embedding(buckets).t().unfold(1, length, 1)
 
     def rows(self, first: int, last: int) -> torch.Tensor:
         """Bias of queries ``first .. last-1`` against every key: ``(heads, last - first, length)``."""
-        queries = torch.arange(first, last, device=self.embedding.weight.device)
-        buckets = relative_position_buckets(queries, self.length, self.embedding.num_embeddings, self.max_distance)
-        return self.embedding(buckets).permute(2, 0, 1)
+        return self._by_start[:, self.length - last : self.length - first].flip(1)
 
 
 def position_gate(gate_input: torch.Tensor, linear: nn.Linear, scale: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ FBANK_MEAN = 15.41663  # AudioSet fbank statistics used by the released models
 FBANK_STD = 6.55582
 _FRAME_LENGTH_SAMPLES = 400  # 25 ms at 16 kHz
 _FRAME_SHIFT_SAMPLES = 160  # 10 ms at 16 kHz
+FBANK_CHUNK_FRAMES = 1000  # fbank frames computed at once: 10 s
 _PREDICTOR_PREFIX = "predictor."  # fine-tuned AudioSet classifier head, unused (KeyFace takes the embedding)
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
@@ -83,19 +84,29 @@ class BEATsConfig:
 
 def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
     """BEATs input features of a 16 kHz waveform ``(samples,)`` -> ``(frames, 128)``, normalised
-    (docs/audio.md#beats)."""
+    (docs/audio.md#beats).
+
+    Every kaldi frame is computed from its own 400 samples (no dither, no mean over the clip), so the fbank is
+    computed :data:`FBANK_CHUNK_FRAMES` frames at a time: the same values, with the framing and FFT buffers of
+    a chunk instead of the whole window (about 40 MB for 60 s).
+    """
     import torchaudio.compliance.kaldi as kaldi
 
     if waveform.shape[-1] < _FRAME_LENGTH_SAMPLES:
         return waveform.new_zeros(0, FBANK_MEL_BINS)
-    fbank = kaldi.fbank(
-        waveform.float()[None] * FBANK_INPUT_SCALE,
-        num_mel_bins=FBANK_MEL_BINS,
-        sample_frequency=16_000,
-        frame_length=FBANK_FRAME_LENGTH_MS,
-        frame_shift=FBANK_FRAME_SHIFT_MS,
-    )
-    return (fbank - FBANK_MEAN) / (2 * FBANK_STD)
+    frames = 1 + (waveform.shape[-1] - _FRAME_LENGTH_SAMPLES) // _FRAME_SHIFT_SAMPLES
+    fbank = torch.empty(frames, FBANK_MEL_BINS)
+    for first in range(0, frames, FBANK_CHUNK_FRAMES):
+        last = min(frames, first + FBANK_CHUNK_FRAMES)
+        piece = waveform[first * _FRAME_SHIFT_SAMPLES : (last - 1) * _FRAME_SHIFT_SAMPLES + _FRAME_LENGTH_SAMPLES]
+        fbank[first:last] = kaldi.fbank(
+            piece.float()[None] * FBANK_INPUT_SCALE,
+            num_mel_bins=FBANK_MEL_BINS,
+            sample_frequency=16_000,
+            frame_length=FBANK_FRAME_LENGTH_MS,
+            frame_shift=FBANK_FRAME_SHIFT_MS,
+        )
+    return fbank.sub_(FBANK_MEAN).div_(2 * FBANK_STD)
 
 
 class _PositionalConv(nn.Module):

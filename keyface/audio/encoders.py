@@ -15,7 +15,7 @@ same samples at the same positions as in a single pass. What does differ from a 
 * self-attention, which is global: a kept output cannot attend to audio beyond the context. The
   positional convolution (128 taps, about +-1.3 s) is covered by any context of 2 s or more.
 
-A clip that fits in one window is encoded in a single pass, identical to the original.
+A clip that fits in one window is encoded in a single pass: the original's numbers, up to float rounding.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class AudioEncoder(abc.ABC):
     def first_index_at(self, sample: int) -> int:
         """The first output index anchored at or after ``sample``."""
 
-    def clip_statistics(self, waveform: torch.Tensor, num_valid: int, windowed: bool) -> object:
+    def clip_statistics(self, waveform: torch.Tensor, num_valid: int) -> object:
         """Clip-wide values an encoder needs in every window (module doc); ``None`` when it needs none."""
         return None
 
@@ -166,7 +166,7 @@ def encode_blocks(
     num_samples = int(waveform.shape[-1])
     num_valid = num_samples if num_valid is None else num_valid
     windows = plan_windows(num_samples, encoder.alignment, window)
-    statistics = encoder.clip_statistics(waveform, num_valid, windowed=len(windows) > 1)
+    statistics = encoder.clip_statistics(waveform, num_valid)
     total = encoder.sequence_length(num_samples)
     for done, item in enumerate(windows, start=1):
         offset = encoder.first_index_at(item.input_start)

@@ -1,9 +1,14 @@
 """WavLM and wav2vec2 as :class:`AudioEncoder`: a transformers model (conv feature extractor + transformer).
 
 Both transformers classes (``WavLMModel``, ``Wav2Vec2Model``) share one layout: ``feature_extractor.conv_layers``,
-``feature_projection``, ``encoder``. A single pass calls the model as is. In windowed mode the group norm of
-the first conv layer (which normalises each channel over the whole clip) gets statistics of the whole
-clip, computed in a first streaming pass, so windows see the same features as a single pass.
+``feature_projection``, ``encoder``; a window runs these three in turn, as the model's forward does in eval mode.
+
+The conv feature extractor runs :data:`CONV_CHUNK_OUTPUTS` outputs at a time: each output depends only on its
+receptive field, so chunks give the same values, while its activations (in one pass over a 60 s window of a
+512-channel extractor, about 400 MB per layer output) shrink to a chunk's. The one clip-wide operation in it,
+the group norm of the first conv layer (WavLM Base+, wav2vec2-base: each channel normalised over the whole
+input), gets statistics of the whole clip from a first streaming pass (float64 sums; a single float32 pass
+differs only by rounding), so every window and chunk sees the values of a single pass over the clip.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from ..errors import CheckpointError
 from .attention import use_blockwise_attention
 from .encoders import STATISTICS_CHUNK_SAMPLES, AudioEncoder
+
+CONV_CHUNK_OUTPUTS = 500  # conv feature-extractor outputs computed at once: 10 s of audio
 
 
 @dataclass(frozen=True)
@@ -97,34 +104,49 @@ class TransformersSpeechEncoder(AudioEncoder):
     def first_index_at(self, sample: int) -> int:
         return -(-sample // self.alignment)
 
-    def clip_statistics(self, waveform: torch.Tensor, num_valid: int, windowed: bool) -> _ClipStatistics:
+    def clip_statistics(self, waveform: torch.Tensor, num_valid: int) -> _ClipStatistics:
         statistics = _ClipStatistics(num_valid)
         if self.normalisation is not None:
             length = num_valid if self.normalisation.valid_only else int(waveform.shape[0])
             mean, variance = _moments(waveform, length, self.normalisation.unbiased)
             statistics = _ClipStatistics(num_valid, mean, 1.0 / math.sqrt(variance + self.normalisation.eps))
-        if windowed and isinstance(self._first_norm, torch.nn.GroupNorm):
+        if isinstance(self._first_norm, torch.nn.GroupNorm):
             mean, rstd = self._first_layer_statistics(waveform, statistics)
             statistics = _ClipStatistics(statistics.num_valid, statistics.wave_mean, statistics.wave_scale, mean, rstd)
         return statistics
 
     @torch.inference_mode()
     def encode_window(self, waveform: torch.Tensor, start: int, statistics: _ClipStatistics) -> torch.Tensor:
-        x = self._normalised(waveform, start, statistics)[None].to(self.device, self.dtype)
-        model = self.module
+        x = self._normalised(waveform, start, statistics).to(self.device, self.dtype)
+        hidden, _ = self.module.feature_projection(self._conv_features(x, statistics).transpose(1, 2))
+        return self.module.encoder(hidden).last_hidden_state[0].float().cpu()
+
+    def _conv_features(self, x: torch.Tensor, statistics: _ClipStatistics) -> torch.Tensor:
+        """The conv feature extractor on ``x`` ``(samples,)`` -> ``(1, channels, sequence_length)``, computed
+        :data:`CONV_CHUNK_OUTPUTS` outputs at a time (output ``k`` reads samples ``k * alignment`` on, over the
+        receptive field ``min_samples``)."""
+        first, *rest = self.module.feature_extractor.conv_layers
+        total = self.sequence_length(int(x.shape[0]))
+        chunks = []
+        for first_output in range(0, total, CONV_CHUNK_OUTPUTS):
+            last_output = min(total, first_output + CONV_CHUNK_OUTPUTS)
+            piece = x[first_output * self.alignment : (last_output - 1) * self.alignment + self.min_samples]
+            hidden = self._first_layer(first, piece[None, None], statistics)
+            for layer in rest:
+                hidden = layer(hidden)
+            chunks.append(hidden)
+        return torch.cat(chunks, dim=2)
+
+    def _first_layer(self, layer: torch.nn.Module, x: torch.Tensor, statistics: _ClipStatistics) -> torch.Tensor:
+        """The first conv layer on ``x`` ``(1, 1, samples)``; a group norm normalises with the clip statistics."""
         if statistics.conv0_mean is None:
-            return model(x).last_hidden_state[0].float().cpu()
-        first, *rest = model.feature_extractor.conv_layers
-        hidden = first.conv(x[:, None])
-        norm = first.layer_norm
+            return layer(x)
+        hidden = layer.conv(x)
+        norm = layer.layer_norm
         mean = statistics.conv0_mean.to(hidden.device, hidden.dtype)[None, :, None]
         rstd = statistics.conv0_rstd.to(hidden.device, hidden.dtype)[None, :, None]
-        hidden.sub_(mean).mul_(rstd * norm.weight[None, :, None]).add_(norm.bias[None, :, None])  # in place: large
-        hidden = first.activation(hidden)
-        for layer in rest:
-            hidden = layer(hidden)
-        hidden, _ = model.feature_projection(hidden.transpose(1, 2))
-        return model.encoder(hidden).last_hidden_state[0].float().cpu()
+        hidden.sub_(mean).mul_(rstd * norm.weight[None, :, None]).add_(norm.bias[None, :, None])
+        return layer.activation(hidden)
 
     @property
     def _first_norm(self) -> torch.nn.Module | None:
