@@ -124,29 +124,27 @@ class TransformersSpeechEncoder(AudioEncoder):
     def _conv_features(self, x: torch.Tensor, statistics: _ClipStatistics) -> torch.Tensor:
         """The conv feature extractor on ``x`` ``(samples,)`` -> ``(1, channels, sequence_length)``, computed
         :data:`CONV_CHUNK_OUTPUTS` outputs at a time (output ``k`` reads samples ``k * alignment`` on, over the
-        receptive field ``min_samples``)."""
+        receptive field ``min_samples``). A first-layer group norm applies the clip statistics as a per-channel
+        scale and shift."""
         first, *rest = self.module.feature_extractor.conv_layers
+        if statistics.conv0_mean is not None:
+            norm = first.layer_norm
+            rstd, mean = (value.to(x.device, x.dtype) for value in (statistics.conv0_rstd, statistics.conv0_mean))
+            scale = (rstd * norm.weight)[None, :, None]
+            shift = (norm.bias - mean * rstd * norm.weight)[None, :, None]
         total = self.sequence_length(int(x.shape[0]))
         chunks = []
         for first_output in range(0, total, CONV_CHUNK_OUTPUTS):
             last_output = min(total, first_output + CONV_CHUNK_OUTPUTS)
             piece = x[first_output * self.alignment : (last_output - 1) * self.alignment + self.min_samples]
-            hidden = self._first_layer(first, piece[None, None], statistics)
+            if statistics.conv0_mean is None:
+                hidden = first(piece[None, None])
+            else:
+                hidden = first.activation(first.conv(piece[None, None]).mul_(scale).add_(shift))
             for layer in rest:
                 hidden = layer(hidden)
             chunks.append(hidden)
         return torch.cat(chunks, dim=2)
-
-    def _first_layer(self, layer: torch.nn.Module, x: torch.Tensor, statistics: _ClipStatistics) -> torch.Tensor:
-        """The first conv layer on ``x`` ``(1, 1, samples)``; a group norm normalises with the clip statistics."""
-        if statistics.conv0_mean is None:
-            return layer(x)
-        hidden = layer.conv(x)
-        norm = layer.layer_norm
-        mean = statistics.conv0_mean.to(hidden.device, hidden.dtype)[None, :, None]
-        rstd = statistics.conv0_rstd.to(hidden.device, hidden.dtype)[None, :, None]
-        hidden.sub_(mean).mul_(rstd * norm.weight[None, :, None]).add_(norm.bias[None, :, None])
-        return layer.activation(hidden)
 
     @property
     def _first_norm(self) -> torch.nn.Module | None:
