@@ -19,8 +19,9 @@ Each length runs in a fresh child process (cold feature cache, own job folder) w
 A background sampler records the largest RSS seen in each phase, to show what grows with the length.
 
 stdout: one JSON object per line, e.g. ``{"metric": "pipeline_10s_mux_s", "value": 4.3, "peak_rss_mb": 902.2}``,
-ending with ``{"metric": "peak_rss_ratio_3600s_vs_10s", "value": ...}`` (longest vs shortest, after the longest
-vs each other length); stderr: a table.
+ending with ``{"metric": "peak_rss_ratio_3600s_vs_10s", "value": ..., "growth_mb": ...}`` (longest vs shortest,
+after the longest vs each other length; ``growth_mb`` is the difference of the peaks, which unlike the ratio does not
+depend on how much RSS importing torch takes on the machine); stderr: a table.
 
 Clips up to the encoders' window (``WindowConfig.window_seconds``, 60 s) are encoded in one pass, longer ones a
 window at a time: the peak steps up once, up to a full window, then should stay flat. Include 60 among the lengths
@@ -295,7 +296,11 @@ def main() -> None:
     longest = max(results)
     peak = {s: results[s][f"pipeline_{s:g}s_peak_rss_mb"]["value"] for s in results}
     for seconds in sorted(results, reverse=True)[1:]:  # against each shorter length; the shortest last
-        emit(f"peak_rss_ratio_{longest:g}s_vs_{seconds:g}s", peak[longest] / peak[seconds])
+        emit(
+            f"peak_rss_ratio_{longest:g}s_vs_{seconds:g}s",
+            peak[longest] / peak[seconds],
+            growth_mb=round(peak[longest] - peak[seconds], 1),
+        )
     if args.scope == "parts":
         print(f"\n{'phase':>16}" + "".join(f"{s:>12g} s" for s in results), file=sys.stderr)
         for phase in PART_PHASES:

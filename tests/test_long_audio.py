@@ -16,7 +16,7 @@ import pytest
 import torch
 import torchaudio.functional
 
-from keyface.audio import AudioFeatureExtractor, FeatureCache, WindowConfig
+from keyface.audio import AudioClip, AudioFeatureExtractor, FeatureCache, WindowConfig
 from keyface.audio.cache import FEATURE_ARRAYS, entry_digest, entry_tensor
 from keyface.audio.encoders import STATISTICS_CHUNK_SAMPLES
 from keyface.audio.io import (
@@ -33,7 +33,7 @@ from keyface.jobs import tensor_digest
 from keyface.media import probe_media, samples_for_frames
 from keyface.memory import activation_peak_bytes
 from keyface.pipeline import Conditioning
-from tests.test_audio_features import WAV2VEC2_TINY, speech_like, tiny_encoders
+from tests.test_audio_features import WAV2VEC2_TINY, CountingEncoder, speech_like, tiny_encoders
 
 RATE = 44_100
 
@@ -147,6 +147,51 @@ def test_mux_of_a_long_track_holds_bounded_memory(tmp_path):
     print(f"mux peak RSS: 20 s {peaks[20]:.1f} MB, 120 s {peaks[120]:.1f} MB, growth {growth:.1f} MB")
     # holding the track whole (float32 stereo: 42 MB at 120 s, 35 MB more than at 20 s) would show here
     assert growth < 20, peaks
+
+
+HEAP_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from keyface.audio.encoders import release_free_heap
+
+    def resident_mb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+    blocks = [torch.ones(16_384) for _ in range(1_000)]  # 64 kB each: below glibc's mmap threshold, in the heap
+    top = blocks.pop()  # stays live above the others, so glibc cannot shrink the heap by itself
+    del blocks
+    before = resident_mb()
+    release_free_heap()
+    print(before, resident_mb())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
+def test_release_free_heap_hands_freed_heap_pages_back():
+    result = subprocess.run(
+        [sys.executable, "-c", HEAP_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    before, after = map(float, result.stdout.split())
+    assert before - after > 40, (before, after)  # 62.4 MB of freed 64 kB blocks
+
+
+def test_each_encoder_window_hands_its_freed_heap_back(monkeypatch):
+    import keyface.audio.encoders
+
+    encoders = tiny_encoders(seed=2)
+    counters = [CountingEncoder(encoder) for encoder in encoders]
+    trims = []
+    monkeypatch.setattr(keyface.audio.encoders, "release_free_heap", lambda: trims.append(1))
+    clip = AudioClip(speech_like(16_000 * 10, seed=3)[None], 16_000)
+    AudioFeatureExtractor(*encoders, cache=None, window=WindowConfig(3.0, 1.0)).extract(clip)
+    windows = sum(counter.calls for counter in counters)
+    assert windows >= 3 * len(encoders)
+    assert len(trims) == windows
 
 
 @pytest.mark.parametrize("extractor", ["wavlm", "wav2vec2", "wav2vec2 layer norm"])

@@ -21,7 +21,10 @@ A clip that fits in one window is encoded in a single pass: the original's numbe
 from __future__ import annotations
 
 import abc
+import ctypes
+import functools
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -177,5 +180,30 @@ def encode_blocks(
             if keep_end - offset > out.shape[0]:
                 raise RuntimeError(f"{encoder.name}: window {item} too short for its core (context below one stride)")
             yield keep_start, out[keep_start - offset : keep_end - offset]
+            release_free_heap()
         if progress is not None:
             progress(done, len(windows))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
+    except (AttributeError, OSError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the pages that freed tensors leave in the C heap back to the system (glibc ``malloc_trim``; a no-op
+    without glibc).
+
+    glibc keeps freed blocks below its (sliding, up to 32 MB) mmap threshold in the heap for reuse, and the
+    temporaries of one window fragment it differently each time, so without this the resident size creeps up
+    over an hour of windows although the live tensors do not. One call takes a few milliseconds (7 ms with
+    0.8 GB of small live blocks in the heap).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
